@@ -1,0 +1,1 @@
+//! tiersync node.

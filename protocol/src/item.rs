@@ -1,0 +1,518 @@
+//! The mergeable items: `record` documents and `log` entries.
+//!
+//! Both are state-based CRDTs: `merge` is commutative, associative and
+//! idempotent (property-tested below), so any order, duplication or delay of
+//! delivery converges. Registers are `crdts::LWWReg`s keyed by [`Stamp`]; the
+//! record type is the thin composition DESIGN.md asks for (sorted fields, one
+//! register each) rather than a `crdts::Map`, which costs ~10x per merge.
+
+use std::collections::BTreeMap;
+
+use crdts::{CvRDT, LWWReg};
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{Hlc, Stamp};
+use crate::id::NodeId;
+use crate::value::Value;
+
+/// What a merge did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MergeOutcome {
+    /// The local state changed.
+    pub changed: bool,
+    /// Two different contents claimed one identity (a log key written twice
+    /// with different content, or a reused stamp); resolved deterministically,
+    /// and reported so the caller can count and log it.
+    pub conflict: bool,
+}
+
+impl MergeOutcome {
+    fn absorb(&mut self, other: MergeOutcome) {
+        self.changed |= other.changed;
+        self.conflict |= other.conflict;
+    }
+}
+
+/// Merges `other` into `reg`. `crdts::LWWReg` keeps the local value when the
+/// markers are equal, which is not commutative if the values differ; that can
+/// only come from a bug or a forged frame, and we break the tie by value so
+/// every node still agrees.
+fn merge_reg<V: Ord + Clone>(reg: &mut LWWReg<V, Stamp>, other: &LWWReg<V, Stamp>) -> MergeOutcome {
+    if reg.validate_merge(other).is_err() {
+        if other.val > reg.val {
+            reg.val = other.val.clone();
+            return MergeOutcome { changed: true, conflict: true };
+        }
+        return MergeOutcome { changed: false, conflict: true };
+    }
+    if other.marker > reg.marker {
+        reg.merge(other.clone());
+        return MergeOutcome { changed: true, conflict: false };
+    }
+    MergeOutcome::default()
+}
+
+/// The operation that last replaced or removed a whole record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Base {
+    /// No PUT or DELETE yet: the document is the sum of its PATCHes.
+    Empty,
+    /// A PUT replaced the document: fields older than it are gone.
+    Put,
+    /// A DELETE removed the document: fields not newer than it are gone.
+    Deleted,
+}
+
+/// The stamp below every real stamp, used for the initial base register.
+fn zero_stamp() -> Stamp {
+    Stamp {
+        hlc: Hlc::ZERO,
+        origin: NodeId::new("0").unwrap_or_else(|_| unreachable!("'0' is a valid id")),
+    }
+}
+
+/// A mutable document: one LWW register per field plus a base register for
+/// the last PUT/DELETE.
+///
+/// A field is visible when its stamp is newer than the base (or equal, for the
+/// fields the PUT itself wrote). Fields that are no longer visible are pruned
+/// on every change, so the state stays the size of the document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    base: LWWReg<Base, Stamp>,
+    fields: BTreeMap<String, LWWReg<Option<Value>, Stamp>>,
+}
+
+impl Default for Record {
+    fn default() -> Self {
+        Self {
+            base: LWWReg {
+                val: Base::Empty,
+                marker: zero_stamp(),
+            },
+            fields: BTreeMap::new(),
+        }
+    }
+}
+
+impl Record {
+    /// Replaces the whole document (fields absent from `doc` are removed).
+    pub fn put(&mut self, doc: BTreeMap<String, Value>, stamp: Stamp) -> MergeOutcome {
+        let delta = Record {
+            base: LWWReg {
+                val: Base::Put,
+                marker: stamp.clone(),
+            },
+            fields: doc
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k,
+                        LWWReg {
+                            val: Some(v),
+                            marker: stamp.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        };
+        self.merge(&delta)
+    }
+
+    /// Merges fields into the document; `None` removes a field.
+    pub fn patch(&mut self, fields: BTreeMap<String, Option<Value>>, stamp: Stamp) -> MergeOutcome {
+        let delta = Record {
+            base: Record::default().base,
+            fields: fields
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k,
+                        LWWReg {
+                            val: v,
+                            marker: stamp.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        };
+        self.merge(&delta)
+    }
+
+    /// Deletes the document (a tombstone that merges like any other write).
+    pub fn delete(&mut self, stamp: Stamp) -> MergeOutcome {
+        let delta = Record {
+            base: LWWReg {
+                val: Base::Deleted,
+                marker: stamp,
+            },
+            fields: BTreeMap::new(),
+        };
+        self.merge(&delta)
+    }
+
+    /// Merges another replica's state into this one.
+    pub fn merge(&mut self, other: &Record) -> MergeOutcome {
+        let mut out = merge_reg(&mut self.base, &other.base);
+        for (name, reg) in &other.fields {
+            match self.fields.get_mut(name) {
+                Some(mine) => out.absorb(merge_reg(mine, reg)),
+                None => {
+                    if self.is_visible(&reg.marker) {
+                        self.fields.insert(name.clone(), reg.clone());
+                        out.changed = true;
+                    }
+                }
+            }
+        }
+        let before = self.fields.len();
+        let base = self.base.clone();
+        self.fields
+            .retain(|_, reg| Self::visible_under(&base, &reg.marker));
+        out.changed |= self.fields.len() != before;
+        out
+    }
+
+    fn is_visible(&self, marker: &Stamp) -> bool {
+        Self::visible_under(&self.base, marker)
+    }
+
+    fn visible_under(base: &LWWReg<Base, Stamp>, marker: &Stamp) -> bool {
+        match base.val {
+            Base::Put => *marker >= base.marker,
+            Base::Empty | Base::Deleted => *marker > base.marker,
+        }
+    }
+
+    /// Whether the record is deleted (a tombstone with no newer field).
+    pub fn is_deleted(&self) -> bool {
+        self.base.val == Base::Deleted && self.fields.is_empty()
+    }
+
+    /// The visible document: field name → value, without removed fields.
+    pub fn document(&self) -> BTreeMap<&str, &Value> {
+        self.fields
+            .iter()
+            .filter_map(|(k, reg)| reg.val.as_ref().map(|v| (k.as_str(), v)))
+            .collect()
+    }
+
+    /// Every field with the stamp of its current value (removed fields
+    /// included, with `None`), for attribution.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, Option<&Value>, &Stamp)> {
+        self.fields
+            .iter()
+            .map(|(k, reg)| (k.as_str(), reg.val.as_ref(), &reg.marker))
+    }
+
+    /// The last PUT/DELETE and its stamp.
+    pub fn base(&self) -> (Base, &Stamp) {
+        (self.base.val, &self.base.marker)
+    }
+
+    /// Every stamp this state holds (base first, if set).
+    pub fn stamps(&self) -> impl Iterator<Item = &Stamp> {
+        let base = (self.base.val != Base::Empty).then_some(&self.base.marker);
+        base.into_iter()
+            .chain(self.fields.values().map(|r| &r.marker))
+    }
+}
+
+/// An immutable entry of a `log` category (a bill line, a payment).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// The entry's content.
+    pub fields: BTreeMap<String, Value>,
+    /// When and where it was appended.
+    pub stamp: Stamp,
+}
+
+impl LogEntry {
+    /// Merges a replica of the same key. Equal entries are a no-op; different
+    /// content under one key is a conflict, won by the higher stamp (then the
+    /// larger content), everywhere alike.
+    pub fn merge(&mut self, other: &LogEntry) -> MergeOutcome {
+        if self == other {
+            return MergeOutcome::default();
+        }
+        let conflict = self.fields != other.fields;
+        let other_wins = (&other.stamp, &other.fields) > (&self.stamp, &self.fields);
+        if other_wins {
+            *self = other.clone();
+        }
+        MergeOutcome {
+            changed: other_wins,
+            conflict,
+        }
+    }
+}
+
+/// An item of any category, as stored and as sent upward.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Item {
+    /// A `record` category document.
+    Record(Record),
+    /// A `log` category entry.
+    Log(LogEntry),
+}
+
+impl Item {
+    /// Merges `other` into `self`. Items of different kinds under one key
+    /// (only a policy change or a forged frame can do that) are a conflict
+    /// that a log entry always wins: ranking the kinds keeps the merge a
+    /// join, so it stays associative.
+    pub fn merge(&mut self, other: &Item) -> MergeOutcome {
+        match (self, other) {
+            (Item::Record(a), Item::Record(b)) => a.merge(b),
+            (Item::Log(a), Item::Log(b)) => a.merge(b),
+            (mine @ Item::Record(_), theirs @ Item::Log(_)) => {
+                *mine = theirs.clone();
+                MergeOutcome { changed: true, conflict: true }
+            }
+            (Item::Log(_), Item::Record(_)) => MergeOutcome { changed: false, conflict: true },
+        }
+    }
+
+    /// The newest stamp in the item.
+    pub fn max_stamp(&self) -> Option<&Stamp> {
+        match self {
+            Item::Record(r) => r.stamps().max(),
+            Item::Log(l) => Some(&l.stamp),
+        }
+    }
+
+    /// Every stamp the item holds.
+    pub fn stamps(&self) -> Vec<&Stamp> {
+        match self {
+            Item::Record(r) => r.stamps().collect(),
+            Item::Log(l) => vec![&l.stamp],
+        }
+    }
+
+    /// Whether the item is a deleted record.
+    pub fn is_deleted(&self) -> bool {
+        matches!(self, Item::Record(r) if r.is_deleted())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub fn stamp(ms: u64, node: &str) -> Stamp {
+        Stamp {
+            hlc: Hlc { physical_ms: ms, logical: 0 },
+            origin: NodeId::new(node).unwrap(),
+        }
+    }
+
+    fn doc(pairs: &[(&str, i64)]) -> BTreeMap<String, Value> {
+        pairs.iter().map(|(k, v)| (k.to_string(), Value::Int(*v))).collect()
+    }
+
+    #[test]
+    fn put_replaces_the_document() {
+        let mut r = Record::default();
+        r.put(doc(&[("a", 1), ("b", 2)]), stamp(1, "x"));
+        r.put(doc(&[("a", 3)]), stamp(2, "x"));
+        assert_eq!(r.document().into_iter().collect::<Vec<_>>(), vec![("a", &Value::Int(3))]);
+    }
+
+    #[test]
+    fn patch_merges_and_none_removes() {
+        let mut r = Record::default();
+        r.put(doc(&[("a", 1), ("b", 2)]), stamp(1, "x"));
+        let mut p = BTreeMap::new();
+        p.insert("b".to_string(), None);
+        p.insert("c".to_string(), Some(Value::Int(9)));
+        r.patch(p, stamp(2, "x"));
+        let d = r.document();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d["a"], &Value::Int(1));
+        assert_eq!(d["c"], &Value::Int(9));
+    }
+
+    #[test]
+    fn delete_then_patch_starts_a_new_document() {
+        let mut r = Record::default();
+        r.put(doc(&[("a", 1)]), stamp(1, "x"));
+        r.delete(stamp(2, "x"));
+        assert!(r.is_deleted());
+        assert!(r.document().is_empty());
+        let mut p = BTreeMap::new();
+        p.insert("z".to_string(), Some(Value::Int(1)));
+        r.patch(p, stamp(3, "x"));
+        assert!(!r.is_deleted());
+        assert_eq!(r.document().len(), 1);
+    }
+
+    #[test]
+    fn concurrent_patch_newer_than_put_survives() {
+        let mut a = Record::default();
+        a.put(doc(&[("a", 1)]), stamp(10, "city-a"));
+        let mut b = Record::default();
+        let mut p = BTreeMap::new();
+        p.insert("seg".to_string(), Some(Value::Str("gold".into())));
+        b.patch(p.clone(), stamp(11, "city-b"));
+        let mut old = Record::default();
+        old.patch(p, stamp(9, "city-b"));
+        a.merge(&b);
+        assert_eq!(a.document().len(), 2);
+        let before = a.clone();
+        let out = a.merge(&old);
+        assert!(!out.changed);
+        assert_eq!(a, before);
+    }
+
+    #[test]
+    fn log_conflicts_are_reported_and_resolved_by_stamp() {
+        let mut a = LogEntry { fields: doc(&[("amount", 5)]), stamp: stamp(1, "a") };
+        let b = LogEntry { fields: doc(&[("amount", 7)]), stamp: stamp(2, "b") };
+        let out = a.merge(&b);
+        assert!(out.changed && out.conflict);
+        assert_eq!(a, b);
+        assert_eq!(a.merge(&b), MergeOutcome::default());
+    }
+
+    #[test]
+    fn reused_stamp_with_other_value_resolves_the_same_both_ways() {
+        let s = stamp(5, "x");
+        let mut a = Record::default();
+        a.put(doc(&[("a", 1)]), s.clone());
+        let mut b = Record::default();
+        b.put(doc(&[("a", 2)]), s);
+        let mut ab = a.clone();
+        assert!(ab.merge(&b).conflict);
+        let mut ba = b.clone();
+        ba.merge(&a);
+        assert_eq!(ab, ba);
+    }
+
+    // ---- property tests: the CRDT laws ----
+
+    pub fn arb_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<bool>().prop_map(Value::Bool),
+            (-3i64..3).prop_map(Value::Int),
+            (-2.0f64..2.0).prop_map(Value::Float),
+            "[ab]{0,2}".prop_map(Value::Str),
+        ]
+    }
+
+    fn arb_stamp() -> impl Strategy<Value = Stamp> {
+        // Few distinct times and nodes so collisions and ties are common.
+        (0u64..6, 0u32..2, prop_oneof![Just("a"), Just("b"), Just("c")]).prop_map(
+            |(ms, logical, n)| Stamp {
+                hlc: Hlc { physical_ms: ms, logical },
+                origin: NodeId::new(n).unwrap(),
+            },
+        )
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Put(BTreeMap<String, Value>),
+        Patch(BTreeMap<String, Option<Value>>),
+        Delete,
+    }
+
+    fn arb_field() -> impl Strategy<Value = String> {
+        prop_oneof![Just("f1".to_string()), Just("f2".to_string()), Just("f3".to_string())]
+    }
+
+    fn arb_op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            proptest::collection::btree_map(arb_field(), arb_value(), 0..3).prop_map(Op::Put),
+            proptest::collection::btree_map(arb_field(), proptest::option::of(arb_value()), 0..3)
+                .prop_map(Op::Patch),
+            Just(Op::Delete),
+        ]
+    }
+
+    pub fn arb_record() -> impl Strategy<Value = Record> {
+        proptest::collection::vec((arb_op(), arb_stamp()), 0..5).prop_map(|ops| {
+            let mut r = Record::default();
+            for (op, s) in ops {
+                match op {
+                    Op::Put(d) => r.put(d, s),
+                    Op::Patch(p) => r.patch(p, s),
+                    Op::Delete => r.delete(s),
+                };
+            }
+            r
+        })
+    }
+
+    pub fn arb_log() -> impl Strategy<Value = LogEntry> {
+        (proptest::collection::btree_map(arb_field(), arb_value(), 0..3), arb_stamp())
+            .prop_map(|(fields, stamp)| LogEntry { fields, stamp })
+    }
+
+    pub fn arb_item() -> impl Strategy<Value = Item> {
+        prop_oneof![arb_record().prop_map(Item::Record), arb_log().prop_map(Item::Log)]
+    }
+
+    fn merged(a: &Item, b: &Item) -> Item {
+        let mut m = a.clone();
+        m.merge(b);
+        m
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn record_merge_is_commutative(a in arb_record(), b in arb_record()) {
+            let mut ab = a.clone(); ab.merge(&b);
+            let mut ba = b.clone(); ba.merge(&a);
+            prop_assert_eq!(ab, ba);
+        }
+
+        #[test]
+        fn record_merge_is_associative(a in arb_record(), b in arb_record(), c in arb_record()) {
+            let mut ab_c = a.clone(); ab_c.merge(&b); ab_c.merge(&c);
+            let mut bc = b.clone(); bc.merge(&c);
+            let mut a_bc = a.clone(); a_bc.merge(&bc);
+            prop_assert_eq!(ab_c, a_bc);
+        }
+
+        #[test]
+        fn record_merge_is_idempotent(a in arb_record(), b in arb_record()) {
+            let mut aa = a.clone();
+            prop_assert!(!aa.merge(&a).changed);
+            prop_assert_eq!(&aa, &a);
+            let mut ab = a.clone(); ab.merge(&b);
+            let once = ab.clone();
+            prop_assert!(!ab.merge(&b).changed);
+            prop_assert_eq!(ab, once);
+        }
+
+        #[test]
+        fn log_merge_laws(a in arb_log(), b in arb_log(), c in arb_log()) {
+            let mut ab = a.clone(); ab.merge(&b);
+            let mut ba = b.clone(); ba.merge(&a);
+            prop_assert_eq!(&ab, &ba);
+            let mut ab_c = ab.clone(); ab_c.merge(&c);
+            let mut bc = b.clone(); bc.merge(&c);
+            let mut a_bc = a.clone(); a_bc.merge(&bc);
+            prop_assert_eq!(ab_c, a_bc);
+            let mut aa = a.clone();
+            prop_assert!(!aa.merge(&a).changed);
+        }
+
+        #[test]
+        fn item_merge_laws(a in arb_item(), b in arb_item(), c in arb_item()) {
+            prop_assert_eq!(merged(&a, &b), merged(&b, &a));
+            prop_assert_eq!(merged(&merged(&a, &b), &c), merged(&a, &merged(&b, &c)));
+            prop_assert_eq!(merged(&a, &a), a.clone());
+        }
+
+        #[test]
+        fn merge_reports_change_truthfully(a in arb_item(), b in arb_item()) {
+            let mut m = a.clone();
+            let out = m.merge(&b);
+            prop_assert_eq!(out.changed, m != a);
+        }
+    }
+}
