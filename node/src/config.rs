@@ -1,0 +1,311 @@
+//! Node and policy configuration files.
+//!
+//! One TOML file per node, one policy TOML shared by the deployment. Every
+//! rejection names the file, the key and the reason: unknown keys, missing
+//! keys and bad values alike. Relative paths in a node file are resolved
+//! against the directory of that file, so a deployment directory can move.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tiersync_protocol::{NodeId, Policy, Tier};
+
+/// Why a configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{file}:{line}:{column}: TOML syntax error: {message}")]
+    Syntax {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column of the error.
+        column: usize,
+        /// The parser's message.
+        message: String,
+    },
+    /// A key is missing, unknown, or has a bad value.
+    #[error("{file}: {key}: {reason}")]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// The key (dotted path; `.` for the whole file).
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// How writes are made durable before they are acknowledged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// The WAL is fsynced before a write is acknowledged; concurrent writes
+    /// share one fsync (group commit).
+    #[default]
+    Fsync,
+    /// Acknowledged once in the OS page cache: survives a process crash, not a
+    /// power loss.
+    Buffered,
+}
+
+/// `[node]`: who this node is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// This node's id (also its certificate's SAN).
+    pub id: NodeId,
+    /// `city`, `province` or `national`.
+    pub tier: Tier,
+    /// The shared policy file.
+    pub policy: PathBuf,
+    /// Where RocksDB keeps this node's data.
+    pub data_dir: PathBuf,
+}
+
+/// `[listen]`: local addresses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenSection {
+    /// QUIC address children connect to.
+    pub peer: SocketAddr,
+    /// HTTP API address.
+    pub api: SocketAddr,
+}
+
+/// `[parent]`: the node this one replicates to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentSection {
+    /// The parent's node id (checked against its certificate).
+    pub id: NodeId,
+    /// The parent's QUIC address, `host:port`.
+    pub addr: String,
+}
+
+/// `[tls]`: this node's certificate and the deployment CA.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The deployment CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This node's certificate (PEM).
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+}
+
+/// `[storage]`: durability and storage knobs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    /// `fsync` (default) or `buffered`.
+    #[serde(default)]
+    pub durability: Durability,
+}
+
+/// `[api]`: HTTP API limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// One node's configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Identity, tier, policy, data directory.
+    pub node: NodeSection,
+    /// Listen addresses.
+    pub listen: ListenSection,
+    /// The uplink, if any (not at national).
+    #[serde(default)]
+    pub parent: Option<ParentSection>,
+    /// Ids of the nodes allowed to connect as children.
+    #[serde(default)]
+    pub children: Vec<NodeId>,
+    /// Certificates; required when the node has a parent or children.
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
+    /// Storage settings.
+    #[serde(default)]
+    pub storage: StorageSection,
+    /// API settings.
+    #[serde(default)]
+    pub api: ApiSection,
+}
+
+/// A node configuration together with the policy it names, both validated.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The node file, its paths made absolute.
+    pub config: NodeConfig,
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// The policy it names.
+    pub policy: Arc<Policy>,
+}
+
+fn invalid(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        file: file.to_path_buf(),
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Parses TOML text into `T`, naming the key of any error.
+pub fn parse_toml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    let syntax = |e: toml::de::Error| {
+        let (line, column) = e
+            .span()
+            .map(|s| line_col(text, s.start))
+            .unwrap_or((1, 1));
+        ConfigError::Syntax {
+            file: file.to_path_buf(),
+            line,
+            column,
+            message: e.message().to_string(),
+        }
+    };
+    let de = toml::Deserializer::parse(text).map_err(syntax)?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let reason = e.inner().message().to_string();
+        invalid(file, key, reason)
+    })
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+fn read(file: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        file: file.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads and validates a policy file.
+pub fn load_policy(file: &Path) -> Result<Policy, ConfigError> {
+    let policy: Policy = parse_toml(file, &read(file)?)?;
+    policy.validate().map_err(|e| match e {
+        tiersync_protocol::PolicyError::Invalid { key, reason } => invalid(file, key, reason),
+        other => invalid(file, ".", other.to_string()),
+    })?;
+    Ok(policy)
+}
+
+impl NodeConfig {
+    /// Checks the rules a single node file must follow on its own.
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let id = &self.node.id;
+        match (self.node.tier, &self.parent) {
+            (Tier::National, Some(_)) => {
+                return Err(invalid(file, "parent", "a national node has no parent"));
+            }
+            (_, Some(p)) if &p.id == id => {
+                return Err(invalid(file, "parent.id", "a node cannot be its own parent"));
+            }
+            _ => {}
+        }
+        if self.node.tier == Tier::City && !self.children.is_empty() {
+            return Err(invalid(file, "children", "a city node has no children"));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, c) in self.children.iter().enumerate() {
+            if c == id {
+                return Err(invalid(file, format!("children[{i}]"), "a node cannot be its own child"));
+            }
+            if !seen.insert(c) {
+                return Err(invalid(file, format!("children[{i}]"), format!("{c} is listed twice")));
+            }
+            if self.parent.as_ref().is_some_and(|p| &p.id == c) {
+                return Err(invalid(file, format!("children[{i}]"), format!("{c} is also this node's parent")));
+            }
+        }
+        if let Some(p) = &self.parent {
+            if !p.addr.contains(':') {
+                return Err(invalid(file, "parent.addr", format!("{:?} is not host:port", p.addr)));
+            }
+        }
+        if self.tls.is_none() && (self.parent.is_some() || !self.children.is_empty()) {
+            return Err(invalid(
+                file,
+                "tls",
+                "missing: a node with a parent or children needs [tls] ca, cert and key",
+            ));
+        }
+        if self.listen.peer == self.listen.api {
+            return Err(invalid(file, "listen.api", "the API and peer addresses must differ"));
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut self.node.policy);
+        abs(&mut self.node.data_dir);
+        if let Some(t) = &mut self.tls {
+            abs(&mut t.ca);
+            abs(&mut t.cert);
+            abs(&mut t.key);
+        }
+    }
+}
+
+/// Reads a node file and the policy it names; validates both.
+pub fn load(file: &Path) -> Result<Loaded, ConfigError> {
+    let mut config: NodeConfig = parse_toml(file, &read(file)?)?;
+    config.validate(file)?;
+    let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    config.resolve_paths(&base);
+    let policy = load_policy(&config.node.policy)?;
+    Ok(Loaded {
+        config,
+        path: file.to_path_buf(),
+        policy: Arc::new(policy),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_and_column_are_one_based() {
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("x", 0), (1, 1));
+    }
+}

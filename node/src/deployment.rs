@@ -1,0 +1,165 @@
+//! Rules that hold across the config files of a whole deployment.
+//!
+//! A node file can be valid on its own and still wrong in its deployment: a
+//! parent that does not list its child, two nodes with one id, a cycle, a
+//! policy that differs between nodes. `tiersync config check` loads every
+//! file of a deployment and reports every such problem at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use tiersync_protocol::NodeId;
+
+use crate::config::Loaded;
+
+/// One problem found across files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file the problem is reported against.
+    pub file: PathBuf,
+    /// The key at fault.
+    pub key: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}: {}", self.file.display(), self.key, self.reason)
+    }
+}
+
+/// Checks a set of loaded node files as one deployment.
+pub fn check(nodes: &[Loaded]) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut by_id: BTreeMap<&NodeId, &Loaded> = BTreeMap::new();
+    let mut problem = |l: &Loaded, key: &str, reason: String| {
+        problems.push(Problem {
+            file: l.path.clone(),
+            key: key.to_string(),
+            reason,
+        })
+    };
+    for l in nodes {
+        if let Some(prev) = by_id.insert(&l.config.node.id, l) {
+            problem(
+                l,
+                "node.id",
+                format!("{} is also the id in {}", l.config.node.id, prev.path.display()),
+            );
+        }
+    }
+    let mut addrs: BTreeMap<std::net::SocketAddr, &Loaded> = BTreeMap::new();
+    for l in nodes {
+        for (key, addr) in [("listen.peer", l.config.listen.peer), ("listen.api", l.config.listen.api)] {
+            if addr.port() == 0 {
+                continue;
+            }
+            if let Some(prev) = addrs.insert(addr, l) {
+                if !std::ptr::eq(prev, l) {
+                    problem(l, key, format!("{addr} is also used by {}", prev.path.display()));
+                }
+            }
+        }
+    }
+    if let Some(first) = nodes.first() {
+        let digest = first.policy.digest_hex();
+        for l in &nodes[1..] {
+            if l.policy.digest_hex() != digest {
+                problem(
+                    l,
+                    "node.policy",
+                    format!(
+                        "policy digest {} differs from {} in {}: every node must load the same policy",
+                        short(&l.policy.digest_hex()),
+                        short(&digest),
+                        first.path.display()
+                    ),
+                );
+            }
+        }
+    }
+    for l in nodes {
+        let me = &l.config.node.id;
+        if let Some(p) = &l.config.parent {
+            match by_id.get(&p.id) {
+                None => problem(l, "parent.id", format!("no file of this deployment is node {}", p.id)),
+                Some(parent) => {
+                    if !parent.config.children.contains(me) {
+                        problem(
+                            l,
+                            "parent.id",
+                            format!("{} does not list {me} in its children ({})", p.id, parent.path.display()),
+                        );
+                    }
+                    if parent.config.node.tier <= l.config.node.tier {
+                        problem(
+                            l,
+                            "node.tier",
+                            format!(
+                                "{me} is a {} but its parent {} is a {}: a parent's tier is above its child's",
+                                l.config.node.tier, p.id, parent.config.node.tier
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        for (i, c) in l.config.children.iter().enumerate() {
+            match by_id.get(c) {
+                None => problem(l, &format!("children[{i}]"), format!("no file of this deployment is node {c}")),
+                Some(child) => {
+                    if child.config.parent.as_ref().map(|p| &p.id) != Some(me) {
+                        problem(
+                            l,
+                            &format!("children[{i}]"),
+                            format!("{c} does not name {me} as its parent ({})", child.path.display()),
+                        );
+                    }
+                }
+            }
+        }
+        // Follow parents upward: more hops than nodes means a cycle.
+        let mut seen = BTreeSet::new();
+        let mut cur = l;
+        while let Some(p) = &cur.config.parent {
+            if !seen.insert(&cur.config.node.id) {
+                problem(l, "parent.id", format!("the parent chain from {me} loops back on itself"));
+                break;
+            }
+            match by_id.get(&p.id) {
+                Some(next) => cur = next,
+                None => break,
+            }
+        }
+    }
+    problems
+}
+
+fn short(hex: &str) -> &str {
+    &hex[..hex.len().min(12)]
+}
+
+/// The deployment as a forest: each root and its descendants, depth first.
+pub fn tree(nodes: &[Loaded]) -> Vec<(usize, &Loaded)> {
+    let by_id: BTreeMap<&NodeId, &Loaded> = nodes.iter().map(|l| (&l.config.node.id, l)).collect();
+    let mut out = Vec::new();
+    fn walk<'a>(l: &'a Loaded, depth: usize, by_id: &BTreeMap<&NodeId, &'a Loaded>, out: &mut Vec<(usize, &'a Loaded)>) {
+        if depth > by_id.len() {
+            return; // a cycle; `check` reports it
+        }
+        out.push((depth, l));
+        for c in &l.config.children {
+            if let Some(child) = by_id.get(c) {
+                walk(child, depth + 1, by_id, out);
+            }
+        }
+    }
+    for l in nodes {
+        let parent_known = l.config.parent.as_ref().is_some_and(|p| by_id.contains_key(&p.id));
+        if !parent_known {
+            walk(l, 0, &by_id, &mut out);
+        }
+    }
+    out
+}

@@ -1,0 +1,236 @@
+//! Store conformance: semantics of each operation, the changelog, the HLC
+//! across reopen, and a model check against a `BTreeMap` with reboots.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use tiersync_protocol::policy::{Category, Limits};
+use tiersync_protocol::{Item, Kind, NodeId, Policy, Replicate, Value};
+
+use super::*;
+
+pub(crate) fn policy() -> Arc<Policy> {
+    let cat = |kind, replicate| Category {
+        kind,
+        replicate,
+        customer_link: None,
+        description: String::new(),
+    };
+    let mut categories = BTreeMap::new();
+    categories.insert("customer".to_string(), cat(Kind::Record, Replicate::Up));
+    categories.insert("billing".to_string(), cat(Kind::Log, Replicate::Up));
+    categories.insert("opportunity".to_string(), cat(Kind::Record, Replicate::Local));
+    Arc::new(Policy {
+        limits: Limits::default(),
+        categories,
+        aggregates: BTreeMap::new(),
+    })
+}
+
+fn open(dir: &Path) -> Store {
+    Store::open(dir, NodeId::new("city-a").unwrap(), policy(), Durability::Fsync).unwrap()
+}
+
+fn doc(pairs: &[(&str, i64)]) -> BTreeMap<String, Value> {
+    pairs.iter().map(|(k, v)| (k.to_string(), Value::Int(*v))).collect()
+}
+
+fn put(key: &str, d: BTreeMap<String, Value>) -> Mutation {
+    Mutation::Put { category: "customer".into(), key: key.into(), doc: d }
+}
+
+fn one(store: &Store, m: Mutation, now: u64) -> Result<Applied, WriteError> {
+    store.apply(vec![m], now).unwrap().pop().unwrap()
+}
+
+fn visible(store: &Store, cat: &str, key: &str) -> Option<BTreeMap<String, Value>> {
+    match store.get(cat, key).unwrap()? {
+        Item::Record(r) if r.is_deleted() => None,
+        Item::Record(r) => Some(r.document().into_iter().map(|(k, v)| (k.to_string(), v.clone())).collect()),
+        Item::Log(l) => Some(l.fields),
+    }
+}
+
+#[test]
+fn put_patch_delete_and_changelog() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    assert_eq!(one(&s, put("c1", doc(&[("a", 1), ("b", 2)])), 10).unwrap().seq, Some(1));
+    let mut p = BTreeMap::new();
+    p.insert("b".to_string(), None);
+    p.insert("c".to_string(), Some(Value::Int(3)));
+    one(&s, Mutation::Patch { category: "customer".into(), key: "c1".into(), fields: p }, 11).unwrap();
+    assert_eq!(visible(&s, "customer", "c1"), Some(doc(&[("a", 1), ("c", 3)])));
+    one(&s, Mutation::Delete { category: "customer".into(), key: "c1".into() }, 12).unwrap();
+    assert_eq!(visible(&s, "customer", "c1"), None);
+    assert!(matches!(
+        one(&s, Mutation::Delete { category: "customer".into(), key: "c1".into() }, 13),
+        Err(WriteError::NotFound { .. })
+    ));
+    let log = s.changes_after(0, 100).unwrap();
+    assert_eq!(log.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(log.iter().all(|(_, e)| e.key == "c1" && e.category == "customer"));
+    assert_eq!(s.changes_after(2, 100).unwrap().len(), 1);
+}
+
+#[test]
+fn append_is_idempotent_and_conflicts_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let append = |amount| Mutation::Append { category: "billing".into(), key: "b1".into(), fields: doc(&[("amount", amount)]) };
+    let first = one(&s, append(5), 10).unwrap();
+    let again = one(&s, append(5), 11).unwrap();
+    assert_eq!(again.seq, None);
+    assert_eq!(again.stamp, first.stamp);
+    assert!(matches!(one(&s, append(6), 12), Err(WriteError::Conflict { .. })));
+    assert_eq!(s.last_seq().unwrap(), 1);
+}
+
+#[test]
+fn refused_mutations_write_nothing_and_do_not_disturb_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let results = s
+        .apply(
+            vec![
+                put("ok1", doc(&[("a", 1)])),
+                Mutation::Put { category: "nope".into(), key: "k".into(), doc: doc(&[]) },
+                put("", doc(&[])),
+                put("bad\u{7}key", doc(&[])),
+                Mutation::Append { category: "customer".into(), key: "k".into(), fields: doc(&[]) },
+                Mutation::Put { category: "billing".into(), key: "k".into(), doc: doc(&[]) },
+                put("big", [("x".to_string(), Value::Str("y".repeat(100_000)))].into()),
+                put("ok2", doc(&[("a", 2)])),
+            ],
+            10,
+        )
+        .unwrap();
+    assert!(results[0].is_ok() && results[7].is_ok());
+    assert!(matches!(results[1], Err(WriteError::Policy(PolicyError::UnknownCategory(_)))));
+    assert!(matches!(results[2], Err(WriteError::Policy(PolicyError::BadKey(_)))));
+    assert!(matches!(results[3], Err(WriteError::Policy(PolicyError::BadKey(_)))));
+    assert!(matches!(results[4], Err(WriteError::WrongKind { .. })));
+    assert!(matches!(results[5], Err(WriteError::WrongKind { .. })));
+    assert!(matches!(results[6], Err(WriteError::TooLarge { .. })));
+    assert_eq!(s.last_seq().unwrap(), 2);
+    assert_eq!(s.changes_after(0, 10).unwrap().len(), 2);
+    assert!(s.get("customer", "big").unwrap().is_none());
+}
+
+#[test]
+fn hlc_survives_reopen_and_wall_clock_steps_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = {
+        let s = open(dir.path());
+        one(&s, put("a", doc(&[])), 10_000_000).unwrap().stamp
+    };
+    let s = open(dir.path());
+    assert_eq!(s.clock_last().unwrap(), first.hlc);
+    // The wall clock went back an hour while the node was down.
+    let second = one(&s, put("b", doc(&[])), 10_000_000 - 3_600_000).unwrap().stamp;
+    assert!(second > first);
+    assert_eq!(s.last_seq().unwrap(), 2);
+}
+
+#[test]
+fn a_data_dir_of_another_node_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let err = Store::open(dir.path(), NodeId::new("city-b").unwrap(), policy(), Durability::Fsync).unwrap_err();
+    assert!(err.to_string().contains("city-a"), "{err}");
+}
+
+#[test]
+fn scan_pages_through_a_prefix_and_skips_tombstones() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    for k in ["a/1", "a/2", "a/3", "a/4", "b/1", "a"] {
+        one(&s, put(k, doc(&[])), 10).unwrap();
+    }
+    one(&s, Mutation::Delete { category: "customer".into(), key: "a/3".into() }, 11).unwrap();
+    let p1 = s.scan("customer", "a/", None, 2, false).unwrap();
+    assert_eq!(p1.items.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["a/1", "a/2"]);
+    let p2 = s.scan("customer", "a/", p1.next.as_deref(), 2, false).unwrap();
+    assert_eq!(p2.items.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["a/4"]);
+    assert_eq!(p2.next, None);
+    assert_eq!(s.scan("customer", "a/", None, 10, true).unwrap().items.len(), 4);
+    assert!(s.scan("billing", "", None, 10, false).unwrap().items.is_empty());
+}
+
+#[derive(Debug, Clone)]
+enum ModelOp {
+    Put(u8, i64),
+    Patch(u8, i64),
+    Delete(u8),
+    Append(u8, i64),
+    Reopen,
+}
+
+fn arb_op() -> impl Strategy<Value = ModelOp> {
+    prop_oneof![
+        (0u8..6, any::<i64>()).prop_map(|(k, v)| ModelOp::Put(k, v)),
+        (0u8..6, any::<i64>()).prop_map(|(k, v)| ModelOp::Patch(k, v)),
+        (0u8..6).prop_map(ModelOp::Delete),
+        (0u8..6, 0i64..3).prop_map(|(k, v)| ModelOp::Append(k, v)),
+        Just(ModelOp::Reopen),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The store behaves like a map, across reopens, and its changelog has one
+    /// contiguous entry per accepted change.
+    #[test]
+    fn store_matches_a_model(ops in proptest::collection::vec(arb_op(), 1..40)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path());
+        let mut model: BTreeMap<(String, String), BTreeMap<String, Value>> = BTreeMap::new();
+        let mut changes = 0u64;
+        for (t, op) in ops.into_iter().enumerate() {
+            let now = 1000 + t as u64;
+            let (m, expect): (Mutation, Option<Option<BTreeMap<String, Value>>>) = match op {
+                ModelOp::Reopen => { drop(s); s = open(dir.path()); continue; }
+                ModelOp::Put(k, v) => (put(&k.to_string(), doc(&[("v", v)])), Some(Some(doc(&[("v", v)])))),
+                ModelOp::Patch(k, v) => {
+                    let mut cur = model.get(&("customer".into(), k.to_string())).cloned().unwrap_or_default();
+                    cur.insert("p".into(), Value::Int(v));
+                    (Mutation::Patch { category: "customer".into(), key: k.to_string(), fields: [("p".to_string(), Some(Value::Int(v)))].into() }, Some(Some(cur)))
+                }
+                ModelOp::Delete(k) => {
+                    let exists = model.contains_key(&("customer".into(), k.to_string()));
+                    (Mutation::Delete { category: "customer".into(), key: k.to_string() }, exists.then_some(None))
+                }
+                ModelOp::Append(k, v) => {
+                    let cur = model.get(&("billing".into(), k.to_string())).cloned();
+                    let want = doc(&[("amount", v)]);
+                    let expect = match cur { None => Some(Some(want.clone())), Some(c) if c == want => None, Some(_) => None };
+                    (Mutation::Append { category: "billing".into(), key: k.to_string(), fields: want }, expect)
+                }
+            };
+            let (cat, key) = { let (c, k) = m.target(); (c.to_string(), k.to_string()) };
+            let res = one(&s, m, now);
+            match expect {
+                Some(new) => {
+                    prop_assert!(res.is_ok(), "{:?}", res);
+                    changes += 1;
+                    match new { Some(d) => { model.insert((cat, key), d); } None => { model.remove(&(cat, key)); } }
+                }
+                None => {
+                    if let Ok(a) = res { prop_assert_eq!(a.seq, None); }
+                }
+            }
+        }
+        for ((cat, key), d) in &model {
+            let got = visible(&s, cat, key);
+            prop_assert_eq!(got.as_ref(), Some(d));
+        }
+        let mut live = 0;
+        s.for_each_item(|_, _, item| if !item.is_deleted() { live += 1 }).unwrap();
+        prop_assert_eq!(live, model.len());
+        let log = s.changes_after(0, usize::MAX).unwrap();
+        prop_assert_eq!(log.len() as u64, changes);
+        prop_assert!(log.iter().enumerate().all(|(i, (seq, _))| *seq == i as u64 + 1));
+    }
+}
