@@ -54,6 +54,11 @@ pub enum Frame {
         tier: Tier,
         /// SHA-256 of the child's canonical policy.
         policy_digest: [u8; 32],
+        /// Random id of the child's data directory: a parent keeps its cursor
+        /// per incarnation, so a child whose data was wiped starts over.
+        incarnation: u64,
+        /// The nodes below the child whose items it relays.
+        subtree: Vec<NodeId>,
     },
     /// Parent → child: accepted; stream from after `resume_from`.
     Welcome {
@@ -69,12 +74,18 @@ pub enum Frame {
     },
     /// Child → parent: changed items up to the child's sequence `last_seq`.
     Batch {
+        /// The child's changelog position this batch continues from: the
+        /// parent advances its cursor only if it already holds everything up
+        /// to here, so a cursor never skips a range.
+        after: u64,
         /// Child's changelog position this batch brings the parent to.
         last_seq: u64,
-        /// The child's HLC when it sent the batch (for lag in seconds).
-        sent_at: Hlc,
-        /// The items.
+        /// The HLC of the child's changelog entry `last_seq`.
+        upto_hlc: Hlc,
+        /// The items (current state of every `up` item changed in the range).
         items: Vec<WireItem>,
+        /// Completeness watermarks of the child's subtree reached in the range.
+        watermarks: Vec<Watermark>,
     },
     /// Parent → child: everything up to `last_seq` is durably merged.
     Ack {
@@ -86,4 +97,36 @@ pub enum Frame {
         /// Echoed in the reply.
         nonce: u64,
     },
+    /// Child → parent during catch-up: a chunk of the child's `up` items.
+    SnapshotChunk {
+        /// The items.
+        items: Vec<WireItem>,
+    },
+    /// Child → parent: the snapshot is complete and covers the child's
+    /// changelog up to `last_seq`; streaming continues after it.
+    SnapshotDone {
+        /// The child's last sequence number when the snapshot started.
+        last_seq: u64,
+        /// The HLC of that changelog entry.
+        upto_hlc: Hlc,
+        /// The child's watermarks of its subtree when the snapshot started.
+        watermarks: Vec<Watermark>,
+    },
+    /// Parent → child: a snapshot chunk is merged.
+    SnapshotAck,
+}
+
+/// "Everything `origin` wrote up to its sequence `seq` (at HLC `hlc`) is
+/// here": carried up with the data so every tier knows how complete it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watermark {
+    /// The node whose changes are complete.
+    pub origin: NodeId,
+    /// The incarnation of its data directory (sequence numbers restart when
+    /// a node's data is wiped; a different incarnation replaces the old).
+    pub incarnation: u64,
+    /// Its changelog sequence number.
+    pub seq: u64,
+    /// The HLC of that change.
+    pub hlc: Hlc,
 }

@@ -184,6 +184,17 @@ impl Record {
         }
     }
 
+    /// Whether the state is one that [`put`](Record::put),
+    /// [`patch`](Record::patch), [`delete`](Record::delete) and
+    /// [`merge`](Record::merge) can produce: an empty base carries the zero
+    /// stamp, and no field is hidden by the base. A received record that is
+    /// not canonical was forged (e.g. an empty base with a far-future stamp
+    /// would hide every field) and is refused.
+    pub fn is_canonical(&self) -> bool {
+        let base_ok = self.base.val != Base::Empty || self.base.marker == zero_stamp();
+        base_ok && self.fields.values().all(|r| self.is_visible(&r.marker))
+    }
+
     /// Whether the record is deleted (a tombstone with no newer field).
     pub fn is_deleted(&self) -> bool {
         self.base.val == Base::Deleted && self.fields.is_empty()

@@ -41,6 +41,7 @@ pub mod frame;
 pub mod id;
 pub mod item;
 pub mod policy;
+pub mod sync;
 pub mod value;
 
 pub use clock::{Hlc, HlcClock, Stamp};

@@ -1,1 +1,61 @@
-//! Test harness.
+//! Shared pieces of the multi-process tests: where the binaries are, the
+//! shipped policy, and waiting on a condition with a deadline (never a fixed
+//! sleep).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tiersync_protocol::Policy;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// The CRM policy shipped in `config-examples/policy.toml`.
+pub fn example_policy() -> Arc<Policy> {
+    let path = repo_root().join("config-examples/policy.toml");
+    match tiersync::config::load_policy(&path) {
+        Ok(p) => Arc::new(p),
+        Err(e) => panic!("the shipped policy must load: {e}"),
+    }
+}
+
+/// Path of a binary built by the workspace into the same target directory as
+/// the running test (`target/<profile>/NAME`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    profile_dir.join(name)
+}
+
+/// Polls `cond` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A count from the environment (for soak runs), or `default`.
+pub fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -1,0 +1,680 @@
+//! The replication link as two sans-IO state machines.
+//!
+//! [`Uplink`] runs at the child, [`Downlink`] at the parent, one pair per
+//! connection. Neither touches a socket, a disk or a clock: the driver feeds
+//! them what happened (`handle_frame`, `changes_available`, `batch_loaded`,
+//! `merged`, …) and drains what they want done with `poll_event` — send a
+//! frame, load a batch from the changelog, merge durably, close. Everything
+//! about handshake, cursors, the window of unacknowledged batches and the
+//! choice between streaming and snapshot catch-up lives here, and is tested
+//! with an in-memory network in `tests` below.
+//!
+//! Delivery is at-least-once: after a reconnect the child resends from the
+//! parent's durable cursor, and merges are idempotent.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use crate::clock::Hlc;
+use crate::frame::{Frame, PROTOCOL_VERSION, RefuseReason, Watermark, WireItem};
+use crate::id::{NodeId, Tier};
+use crate::item::Item;
+use crate::policy::{Kind, Policy, Replicate};
+
+/// A key in the child's data: `(category, key)`.
+pub type ItemKey = (String, String);
+
+/// What the child's driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UplinkEvent {
+    /// Write this frame to the link.
+    Send(Frame),
+    /// Read changelog entries after `after` (coalesced, `up` items only) and
+    /// call [`Uplink::batch_loaded`] with the same `epoch`.
+    LoadBatch {
+        /// Load entries with a sequence number above this.
+        after: u64,
+        /// The connection epoch the answer belongs to.
+        epoch: u64,
+    },
+    /// Read the next chunk of `up` items after `after` (from the start when
+    /// `None`) and call [`Uplink::snapshot_loaded`] with the same `epoch`.
+    LoadSnapshot {
+        /// Resume after this key.
+        after: Option<ItemKey>,
+        /// The connection epoch the answer belongs to.
+        epoch: u64,
+    },
+    /// The parent holds everything up to `seq` durably: changelog entries at
+    /// or below it may be trimmed.
+    Acked {
+        /// The acknowledged sequence number.
+        seq: u64,
+    },
+    /// Close the connection (then reconnect with backoff).
+    Close {
+        /// Why, for the log.
+        reason: String,
+    },
+}
+
+/// A batch the child's driver loaded from its changelog.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedBatch {
+    /// The sequence number of the last changelog entry read.
+    pub last_seq: u64,
+    /// The HLC of that entry.
+    pub upto_hlc: Hlc,
+    /// Current state of each `up` item changed in the range, once per key.
+    pub items: Vec<WireItem>,
+    /// Watermarks of the subtree recorded in the range.
+    pub watermarks: Vec<Watermark>,
+}
+
+/// Static settings of a child's uplink.
+#[derive(Debug, Clone)]
+pub struct UplinkConfig {
+    /// This node.
+    pub node: NodeId,
+    /// Its tier.
+    pub tier: Tier,
+    /// Its policy digest.
+    pub policy_digest: [u8; 32],
+    /// Its data directory's incarnation.
+    pub incarnation: u64,
+    /// Most batches sent and not yet acknowledged.
+    pub window: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum UpState {
+    Disconnected,
+    AwaitWelcome,
+    Snapshot {
+        upto: u64,
+        upto_hlc: Hlc,
+        next: Option<ItemKey>,
+        all_loaded: bool,
+        watermarks: Vec<Watermark>,
+    },
+    Streaming,
+}
+
+/// The child's side of a link.
+#[derive(Debug)]
+pub struct Uplink {
+    cfg: UplinkConfig,
+    subtree: Vec<NodeId>,
+    state: UpState,
+    epoch: u64,
+    local_last: u64,
+    local_last_hlc: Hlc,
+    retained_from: u64,
+    acked: u64,
+    sent_upto: u64,
+    in_flight: VecDeque<u64>,
+    /// Snapshot chunks sent and not yet acknowledged.
+    chunks_in_flight: usize,
+    loading: bool,
+    events: VecDeque<UplinkEvent>,
+}
+
+impl Uplink {
+    /// A disconnected uplink. `local_last` is the child's last sequence
+    /// number; `retained_from` the lowest sequence number its changelog still
+    /// holds (1 when nothing was trimmed).
+    pub fn new(cfg: UplinkConfig, local_last: u64, local_last_hlc: Hlc, retained_from: u64) -> Self {
+        Self {
+            cfg,
+            subtree: Vec::new(),
+            state: UpState::Disconnected,
+            epoch: 0,
+            local_last,
+            local_last_hlc,
+            retained_from: retained_from.max(1),
+            acked: 0,
+            sent_upto: 0,
+            in_flight: VecDeque::new(),
+            chunks_in_flight: 0,
+            loading: false,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The next thing the driver must do.
+    pub fn poll_event(&mut self) -> Option<UplinkEvent> {
+        self.events.pop_front()
+    }
+
+    /// The highest sequence number the parent acknowledged on this or an
+    /// earlier connection.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// The child's last known sequence number.
+    pub fn local_last(&self) -> u64 {
+        self.local_last
+    }
+
+    /// Whether the link is past the handshake.
+    pub fn is_established(&self) -> bool {
+        matches!(self.state, UpState::Streaming | UpState::Snapshot { .. })
+    }
+
+    /// Whether a snapshot catch-up is under way.
+    pub fn in_snapshot(&self) -> bool {
+        matches!(self.state, UpState::Snapshot { .. })
+    }
+
+    /// A connection is up: say hello. `subtree` is the set of nodes below
+    /// this one whose items it relays.
+    pub fn connected(&mut self, subtree: Vec<NodeId>) {
+        self.reset();
+        self.subtree = subtree.clone();
+        self.state = UpState::AwaitWelcome;
+        self.events.push_back(UplinkEvent::Send(Frame::Hello {
+            protocol: PROTOCOL_VERSION,
+            node: self.cfg.node.clone(),
+            tier: self.cfg.tier,
+            policy_digest: self.cfg.policy_digest,
+            incarnation: self.cfg.incarnation,
+            subtree,
+        }));
+    }
+
+    /// The connection is gone; in-flight batches will be resent from the
+    /// parent's cursor on the next connection.
+    pub fn disconnected(&mut self) {
+        self.reset();
+    }
+
+    fn reset(&mut self) {
+        self.epoch += 1;
+        self.state = UpState::Disconnected;
+        self.in_flight.clear();
+        self.chunks_in_flight = 0;
+        self.loading = false;
+        self.events.clear();
+    }
+
+    fn close(&mut self, reason: String) {
+        self.reset();
+        self.events.push_back(UplinkEvent::Close { reason });
+    }
+
+    /// The child's changelog grew to `last_seq` (whose entry has `hlc`).
+    pub fn changes_available(&mut self, last_seq: u64, hlc: Hlc) {
+        if last_seq > self.local_last {
+            self.local_last = last_seq;
+            self.local_last_hlc = hlc;
+        }
+        self.pump();
+    }
+
+    /// The changelog now starts at `retained_from` (entries below were trimmed).
+    pub fn trimmed(&mut self, retained_from: u64) {
+        self.retained_from = self.retained_from.max(retained_from);
+    }
+
+    /// A frame from the parent.
+    pub fn handle_frame(&mut self, frame: Frame) {
+        let state = self.state.clone();
+        match (frame, &state) {
+            (Frame::Welcome { resume_from }, UpState::AwaitWelcome) => self.welcome(resume_from),
+            (Frame::Refuse { reason, message }, _) => {
+                self.close(format!("parent refused this node ({reason:?}): {message}"));
+            }
+            (Frame::Ack { last_seq }, UpState::Streaming) => self.ack(last_seq),
+            (Frame::SnapshotAck, UpState::Snapshot { .. } | UpState::Streaming) => {
+                if self.chunks_in_flight == 0 {
+                    return self.close("parent acknowledged a snapshot chunk that was not sent".into());
+                }
+                self.chunks_in_flight -= 1;
+                self.pump();
+            }
+            (Frame::Ping { nonce }, _) => self.events.push_back(UplinkEvent::Send(Frame::Ping { nonce })),
+            (other, state) => {
+                self.close(format!("unexpected frame from parent in state {state:?}: {}", frame_name(&other)));
+            }
+        }
+    }
+
+    fn welcome(&mut self, resume_from: u64) {
+        if resume_from > self.local_last {
+            return self.close(format!(
+                "parent claims to hold this node's changes up to {resume_from}, but its changelog ends at {}",
+                self.local_last
+            ));
+        }
+        self.acked = self.acked.max(resume_from);
+        if resume_from + 1 < self.retained_from {
+            // The parent needs changes this node no longer keeps: catch up
+            // with a snapshot of every `up` item, then stream after it.
+            self.state = UpState::Snapshot {
+                upto: self.local_last,
+                upto_hlc: self.local_last_hlc,
+                next: None,
+                all_loaded: false,
+                watermarks: Vec::new(),
+            };
+        } else {
+            self.state = UpState::Streaming;
+            self.sent_upto = resume_from;
+        }
+        self.pump();
+    }
+
+    fn ack(&mut self, last_seq: u64) {
+        if last_seq > self.sent_upto {
+            return self.close(format!("parent acknowledged {last_seq}, beyond what was sent ({})", self.sent_upto));
+        }
+        while self.in_flight.front().is_some_and(|&s| s <= last_seq) {
+            self.in_flight.pop_front();
+        }
+        if last_seq > self.acked {
+            self.acked = last_seq;
+            self.events.push_back(UplinkEvent::Acked { seq: last_seq });
+        }
+        self.pump();
+    }
+
+    /// The driver's answer to [`UplinkEvent::LoadBatch`].
+    pub fn batch_loaded(&mut self, epoch: u64, batch: LoadedBatch) {
+        if epoch != self.epoch || self.state != UpState::Streaming {
+            return; // an answer for an old connection
+        }
+        self.loading = false;
+        if batch.last_seq > self.sent_upto {
+            let after = self.sent_upto;
+            self.sent_upto = batch.last_seq;
+            self.in_flight.push_back(batch.last_seq);
+            self.events.push_back(UplinkEvent::Send(Frame::Batch {
+                after,
+                last_seq: batch.last_seq,
+                upto_hlc: batch.upto_hlc,
+                items: batch.items,
+                watermarks: batch.watermarks,
+            }));
+        }
+        self.pump();
+    }
+
+    /// The driver's answer to [`UplinkEvent::LoadSnapshot`]: a chunk and the
+    /// key to continue after (`None` when the snapshot is complete). With the
+    /// first chunk (`after` was `None`) the driver also passes its
+    /// watermarks as they are *before* it reads any item, so that what they
+    /// claim is covered by the items read after them.
+    pub fn snapshot_loaded(&mut self, epoch: u64, items: Vec<WireItem>, next: Option<ItemKey>, watermarks: Vec<Watermark>) {
+        if epoch != self.epoch {
+            return;
+        }
+        let UpState::Snapshot { upto, upto_hlc, next: cursor, all_loaded, watermarks: marks } = &mut self.state
+        else {
+            return;
+        };
+        if cursor.is_none() {
+            *marks = watermarks;
+        }
+        self.loading = false;
+        if !items.is_empty() {
+            self.chunks_in_flight += 1;
+            self.events.push_back(UplinkEvent::Send(Frame::SnapshotChunk { items }));
+        }
+        match next {
+            Some(k) => *cursor = Some(k),
+            None => {
+                *all_loaded = true;
+                let (upto, upto_hlc, watermarks) = (*upto, *upto_hlc, std::mem::take(marks));
+                // The stream is ordered: the parent merges every chunk before
+                // it reads this, and its Ack covers the whole snapshot.
+                self.events.push_back(UplinkEvent::Send(Frame::SnapshotDone { last_seq: upto, upto_hlc, watermarks }));
+                self.state = UpState::Streaming;
+                self.sent_upto = upto;
+                self.in_flight.clear();
+                self.in_flight.push_back(upto);
+            }
+        }
+        self.pump();
+    }
+
+    fn pump(&mut self) {
+        if self.loading {
+            return;
+        }
+        let window = self.cfg.window.max(1);
+        match &self.state {
+            UpState::Streaming => {
+                if self.in_flight.len() < window && self.sent_upto < self.local_last {
+                    self.loading = true;
+                    self.events.push_back(UplinkEvent::LoadBatch { after: self.sent_upto, epoch: self.epoch });
+                }
+            }
+            UpState::Snapshot { next, all_loaded: false, .. } if self.chunks_in_flight < window => {
+                self.loading = true;
+                self.events.push_back(UplinkEvent::LoadSnapshot { after: next.clone(), epoch: self.epoch });
+            }
+            _ => {}
+        }
+    }
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello { .. } => "Hello",
+        Frame::Welcome { .. } => "Welcome",
+        Frame::Refuse { .. } => "Refuse",
+        Frame::Batch { .. } => "Batch",
+        Frame::Ack { .. } => "Ack",
+        Frame::Ping { .. } => "Ping",
+        Frame::SnapshotChunk { .. } => "SnapshotChunk",
+        Frame::SnapshotDone { .. } => "SnapshotDone",
+        Frame::SnapshotAck => "SnapshotAck",
+    }
+}
+
+/// Static settings of a parent's side of its links.
+#[derive(Debug, Clone)]
+pub struct DownlinkConfig {
+    /// This node.
+    pub node: NodeId,
+    /// Its tier.
+    pub tier: Tier,
+    /// Its policy digest.
+    pub policy_digest: [u8; 32],
+    /// The children its config lists.
+    pub children: BTreeSet<NodeId>,
+}
+
+/// What the parent's driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DownlinkEvent {
+    /// Write this frame to the link.
+    Send(Frame),
+    /// The child passed the handshake: check that no other child claims a
+    /// node of `subtree`, load the durable cursor of (`child`,
+    /// `incarnation`) and call [`Downlink::cursor_loaded`] (or
+    /// [`Downlink::refuse`]).
+    Accepted {
+        /// The child's id (from its certificate).
+        child: NodeId,
+        /// Its data directory's incarnation.
+        incarnation: u64,
+        /// The nodes it relays for.
+        subtree: Vec<NodeId>,
+    },
+    /// Merge `items` durably in one write together with the cursor update
+    /// (if any) and the watermarks, then call [`Downlink::merged`].
+    Merge {
+        /// Validated items.
+        items: Vec<WireItem>,
+        /// The child's new cursor and the HLC of that change, if this
+        /// completes a range of its changelog (for the child's incarnation
+        /// given in [`DownlinkEvent::Accepted`]).
+        cursor: Option<(u64, Hlc)>,
+        /// Watermarks of the child's subtree.
+        watermarks: Vec<Watermark>,
+    },
+    /// Close the connection.
+    Close {
+        /// Why, for the log.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DownState {
+    AwaitHello,
+    AwaitCursor,
+    Open,
+    Merging(Pending),
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    Batch(u64),
+    Chunk,
+}
+
+/// The parent's side of one child's link.
+#[derive(Debug)]
+pub struct Downlink {
+    cfg: DownlinkConfig,
+    peer: NodeId,
+    child_tier: Tier,
+    allowed_origins: BTreeSet<NodeId>,
+    /// What this parent durably holds of the child's changelog, as far as
+    /// this link knows.
+    cursor: u64,
+    state: DownState,
+    events: VecDeque<DownlinkEvent>,
+}
+
+impl Downlink {
+    /// A link whose peer authenticated as `peer` (the certificate's id).
+    pub fn new(cfg: DownlinkConfig, peer: NodeId) -> Self {
+        Self {
+            cfg,
+            peer,
+            child_tier: Tier::City,
+            allowed_origins: BTreeSet::new(),
+            cursor: 0,
+            state: DownState::AwaitHello,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The next thing the driver must do.
+    pub fn poll_event(&mut self) -> Option<DownlinkEvent> {
+        self.events.pop_front()
+    }
+
+    /// The authenticated peer.
+    pub fn peer(&self) -> &NodeId {
+        &self.peer
+    }
+
+    /// Whether the link is closed.
+    pub fn is_closed(&self) -> bool {
+        self.state == DownState::Closed
+    }
+
+    /// Refuses the child and closes the link.
+    pub fn refuse(&mut self, reason: RefuseReason, message: String) {
+        self.events.push_back(DownlinkEvent::Send(Frame::Refuse { reason, message: message.clone() }));
+        self.events.push_back(DownlinkEvent::Close { reason: format!("refused {} ({reason:?}): {message}", self.peer) });
+        self.state = DownState::Closed;
+    }
+
+    /// A frame from the child, received at wall time `now_ms`.
+    pub fn handle_frame(&mut self, frame: Frame, now_ms: u64, policy: &Policy) {
+        match (frame, self.state) {
+            (_, DownState::Closed) => {}
+            (
+                Frame::Hello { protocol, node, tier, policy_digest, incarnation, subtree },
+                DownState::AwaitHello,
+            ) => self.hello(protocol, node, tier, policy_digest, incarnation, subtree),
+            (Frame::Batch { after, last_seq, upto_hlc, items, watermarks }, DownState::Open) => {
+                if let Err(why) = self.check_items(&items, now_ms, policy) {
+                    return self.refuse(RefuseReason::Violation, why);
+                }
+                if after > self.cursor || last_seq < after {
+                    let why = format!(
+                        "batch covers ({after}, {last_seq}] but this node holds the child's changes only up to {}",
+                        self.cursor
+                    );
+                    return self.refuse(RefuseReason::Violation, why);
+                }
+                self.complete_range(last_seq, upto_hlc, items, watermarks, now_ms, policy);
+            }
+            (Frame::SnapshotChunk { items }, DownState::Open) => {
+                if let Err(why) = self.check_items(&items, now_ms, policy) {
+                    return self.refuse(RefuseReason::Violation, why);
+                }
+                self.state = DownState::Merging(Pending::Chunk);
+                self.events.push_back(DownlinkEvent::Merge { items, cursor: None, watermarks: Vec::new() });
+            }
+            (Frame::SnapshotDone { last_seq, upto_hlc, watermarks }, DownState::Open) => {
+                self.complete_range(last_seq, upto_hlc, Vec::new(), watermarks, now_ms, policy);
+            }
+            (Frame::Ping { .. }, _) => {}
+            (other, state) => {
+                let why = format!("unexpected {} in state {state:?}", frame_name(&other));
+                self.refuse(RefuseReason::Violation, why);
+            }
+        }
+    }
+
+    /// A batch (or the end of a snapshot) that brings the child's cursor to
+    /// `last_seq`: check its watermarks and clock, then ask for the merge.
+    fn complete_range(
+        &mut self,
+        last_seq: u64,
+        upto_hlc: Hlc,
+        items: Vec<WireItem>,
+        watermarks: Vec<Watermark>,
+        now_ms: u64,
+        policy: &Policy,
+    ) {
+        if let Some(w) = watermarks.iter().find(|w| !self.allowed_origins.contains(&w.origin)) {
+            let why = format!("watermark for {} which is not in the subtree of {}", w.origin, self.peer);
+            return self.refuse(RefuseReason::Violation, why);
+        }
+        let limit = now_ms.saturating_add(policy.limits.max_clock_skew_ms);
+        if let Some(h) = std::iter::once(upto_hlc).chain(watermarks.iter().map(|w| w.hlc)).find(|h| h.physical_ms > limit) {
+            return self.refuse(RefuseReason::Violation, future_msg(h, now_ms, policy));
+        }
+        self.state = DownState::Merging(Pending::Batch(last_seq));
+        self.events.push_back(DownlinkEvent::Merge { items, cursor: Some((last_seq, upto_hlc)), watermarks });
+    }
+
+    fn hello(&mut self, protocol: u32, node: NodeId, tier: Tier, digest: [u8; 32], incarnation: u64, subtree: Vec<NodeId>) {
+        if protocol != PROTOCOL_VERSION {
+            let why = format!("protocol version {protocol} is not supported (this node speaks {PROTOCOL_VERSION})");
+            return self.refuse(RefuseReason::UnsupportedVersion, why);
+        }
+        if node != self.peer {
+            let why = format!("Hello claims node {node} but the certificate is for {}", self.peer);
+            return self.refuse(RefuseReason::IdMismatch, why);
+        }
+        if !self.cfg.children.contains(&node) {
+            let why = format!("{node} is not a configured child of {}", self.cfg.node);
+            return self.refuse(RefuseReason::UnknownChild, why);
+        }
+        if tier >= self.cfg.tier {
+            let why = format!("{node} is a {tier}, not below this {} node", self.cfg.tier);
+            return self.refuse(RefuseReason::TierNotBelow, why);
+        }
+        if digest != self.cfg.policy_digest {
+            let why = format!(
+                "policy digest {} differs from this node's {}",
+                short_hex(&digest),
+                short_hex(&self.cfg.policy_digest)
+            );
+            return self.refuse(RefuseReason::PolicyMismatch, why);
+        }
+        if tier == Tier::City && !subtree.is_empty() {
+            return self.refuse(RefuseReason::Violation, format!("city {node} claims a subtree"));
+        }
+        let mut allowed = BTreeSet::from([node.clone()]);
+        for n in &subtree {
+            if *n == self.cfg.node || self.cfg.children.contains(n) || !allowed.insert(n.clone()) {
+                let why = format!("{node} claims {n} in its subtree, which cannot be below it");
+                return self.refuse(RefuseReason::Violation, why);
+            }
+        }
+        self.child_tier = tier;
+        self.allowed_origins = allowed;
+        self.state = DownState::AwaitCursor;
+        self.events.push_back(DownlinkEvent::Accepted { child: node, incarnation, subtree });
+    }
+
+    /// The driver's answer to [`DownlinkEvent::Accepted`]: the durable cursor.
+    pub fn cursor_loaded(&mut self, resume_from: u64) {
+        if self.state != DownState::AwaitCursor {
+            return;
+        }
+        self.state = DownState::Open;
+        self.cursor = resume_from;
+        self.events.push_back(DownlinkEvent::Send(Frame::Welcome { resume_from }));
+    }
+
+    /// The driver committed the last [`DownlinkEvent::Merge`] durably.
+    pub fn merged(&mut self) {
+        let DownState::Merging(pending) = self.state else { return };
+        self.state = DownState::Open;
+        self.events.push_back(DownlinkEvent::Send(match pending {
+            Pending::Batch(last_seq) => {
+                self.cursor = self.cursor.max(last_seq);
+                Frame::Ack { last_seq }
+            }
+            Pending::Chunk => Frame::SnapshotAck,
+        }));
+    }
+
+    /// The child's tier (after the handshake).
+    pub fn child_tier(&self) -> Tier {
+        self.child_tier
+    }
+
+    fn check_items(&self, items: &[WireItem], now_ms: u64, policy: &Policy) -> Result<(), String> {
+        if items.len() > policy.limits.max_batch_items {
+            return Err(format!("{} items in one batch, over the limit of {}", items.len(), policy.limits.max_batch_items));
+        }
+        items
+            .iter()
+            .try_for_each(|w| validate_item(policy, now_ms, |o| self.allowed_origins.contains(o), w))
+    }
+}
+
+fn short_hex(d: &[u8; 32]) -> String {
+    d[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn future_msg(hlc: Hlc, now_ms: u64, policy: &Policy) -> String {
+    format!(
+        "stamp {hlc} is {} ms ahead of this node's clock, beyond the policy's max_clock_skew_ms of {}",
+        hlc.physical_ms.saturating_sub(now_ms),
+        policy.limits.max_clock_skew_ms
+    )
+}
+
+/// Checks one received item against the receiver's own policy: the category
+/// is declared, `up`, and of the item's kind; the key is valid; every stamp's
+/// origin is allowed and not beyond `now_ms` plus the maximum clock skew;
+/// the state is canonical.
+pub fn validate_item(
+    policy: &Policy,
+    now_ms: u64,
+    origin_allowed: impl Fn(&NodeId) -> bool,
+    w: &WireItem,
+) -> Result<(), String> {
+    let at = || format!("{}/{}", w.category, w.key);
+    let cat = policy.category(&w.category).map_err(|e| format!("{}: {e}", at()))?;
+    if cat.replicate != Replicate::Up {
+        return Err(format!("{}: category {:?} is private (replicate = \"local\") and never leaves its node", at(), w.category));
+    }
+    policy.check_key(&w.key).map_err(|e| format!("{}: {e}", at()))?;
+    let kind_ok = matches!((&w.item, cat.kind), (Item::Record(_), Kind::Record) | (Item::Log(_), Kind::Log));
+    if !kind_ok {
+        return Err(format!("{}: item kind does not match the category's kind {:?}", at(), cat.kind));
+    }
+    if let Item::Record(r) = &w.item {
+        if !r.is_canonical() {
+            return Err(format!("{}: record state is not canonical", at()));
+        }
+    }
+    let limit = now_ms.saturating_add(policy.limits.max_clock_skew_ms);
+    for s in w.item.stamps() {
+        if !origin_allowed(&s.origin) {
+            return Err(format!("{}: origin {} is not the sender or a node of its subtree", at(), s.origin));
+        }
+        if s.hlc.physical_ms > limit {
+            return Err(format!("{}: {}", at(), future_msg(s.hlc, now_ms, policy)));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

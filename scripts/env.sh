@@ -1,0 +1,42 @@
+# Sourced by the project's scripts: installs what the build needs when it is
+# missing, and points cargo at one shared target directory.
+#
+# The rocksdb crate needs libclang (bindgen) and a C++ compiler. On a fresh
+# Debian machine, as root, they are installed with apt-get; otherwise the
+# script says what to install and stops.
+
+_tiersync_have_libclang() {
+    ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1
+}
+
+_tiersync_install() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "tiersync: missing build dependencies: $*" >&2
+        echo "tiersync: install them with: sudo apt-get install -y $*" >&2
+        return 1
+    fi
+    echo "tiersync: installing build dependencies: $*" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2 && apt-get install -y -qq "$@" >&2
+}
+
+tiersync_ensure_build_deps() {
+    local missing=()
+    _tiersync_have_libclang || missing+=(libclang-dev)
+    command -v c++ >/dev/null 2>&1 || missing+=(g++)
+    command -v make >/dev/null 2>&1 || missing+=(make)
+    if [ ${#missing[@]} -gt 0 ]; then
+        _tiersync_install "${missing[@]}" || return 1
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        # rustup's default location, for shells that did not source ~/.cargo/env
+        [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+    fi
+    command -v cargo >/dev/null 2>&1 || { echo "tiersync: cargo (the Rust toolchain) is required" >&2; return 1; }
+}
+
+# One target directory outside the clone, so a fresh clone on the same
+# machine reuses the (expensive) RocksDB build. Override with CARGO_TARGET_DIR.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tiersync/target}"
+# The single build profile used for tests, binaries and benches.
+export TIERSYNC_PROFILE=release
