@@ -10,15 +10,24 @@ use tiersync_protocol::codec;
 use tiersync_protocol::{Hlc, Item, NodeId, Record, Stamp, Value};
 
 fn stamp(ms: u64, node: &str) -> Stamp {
-    Stamp { hlc: Hlc { physical_ms: ms, logical: 0 }, origin: NodeId::new(node).unwrap_or_else(|e| panic!("{e}")) }
+    Stamp {
+        hlc: Hlc {
+            physical_ms: ms,
+            logical: 0,
+        },
+        origin: NodeId::new(node).unwrap_or_else(|e| panic!("{e}")),
+    }
 }
 
 /// A ~300-byte, 12-field customer record, the size DESIGN.md measures.
 fn customer(ms: u64, node: &str) -> Record {
     let mut doc = BTreeMap::new();
-    for (i, name) in ["name", "phone", "email", "city", "district", "segment", "plan", "status", "agent", "address", "id_type", "opened"]
-        .iter()
-        .enumerate()
+    for (i, name) in [
+        "name", "phone", "email", "city", "district", "segment", "plan", "status", "agent",
+        "address", "id_type", "opened",
+    ]
+    .iter()
+    .enumerate()
     {
         doc.insert(name.to_string(), Value::Str(format!("{name}-value-{i:04}")));
     }
@@ -31,8 +40,12 @@ fn bench(c: &mut Criterion) {
     let item = Item::Record(customer(1_700_000_000_000, "hangzhou"));
     let bytes = codec::encode_stored(&item).unwrap_or_default();
     eprintln!("encoded 12-field customer record: {} bytes", bytes.len());
-    c.bench_function("codec/encode_record", |b| b.iter(|| codec::encode_stored(black_box(&item))));
-    c.bench_function("codec/decode_record", |b| b.iter(|| codec::decode_stored::<Item>(black_box(&bytes))));
+    c.bench_function("codec/encode_record", |b| {
+        b.iter(|| codec::encode_stored(black_box(&item)))
+    });
+    c.bench_function("codec/decode_record", |b| {
+        b.iter(|| codec::decode_stored::<Item>(black_box(&bytes)))
+    });
 
     let a = customer(1_700_000_000_000, "hangzhou");
     let mut newer = customer(1_700_000_000_500, "ningbo");

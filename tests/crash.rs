@@ -12,6 +12,8 @@
 //!
 //! `TIERSYNC_CRASH_CYCLES` sets the number of kills (default 25).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is the test failure report
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -37,13 +39,18 @@ struct Ack {
 
 fn parse(line: &str) -> Option<Ack> {
     let f: Vec<&str> = line.split(' ').collect();
-    let [tag, seq, ms, logical, op, category, key, value] = f.as_slice() else { return None };
+    let [tag, seq, ms, logical, op, category, key, value] = f.as_slice() else {
+        return None;
+    };
     if *tag != "ack" {
         return None;
     }
     Some(Ack {
         seq: seq.parse().ok()?,
-        hlc: Hlc { physical_ms: ms.parse().ok()?, logical: logical.parse().ok()? },
+        hlc: Hlc {
+            physical_ms: ms.parse().ok()?,
+            logical: logical.parse().ok()?,
+        },
         op: op.to_string(),
         category: category.to_string(),
         key: key.to_string(),
@@ -94,32 +101,67 @@ fn expected(ack: &Ack) -> BTreeMap<String, Value> {
         "put" => [("v".to_string(), v)].into(),
         "patch" => [("p".to_string(), v)].into(),
         _ => {
-            let task = ack.key.split('-').nth(1).unwrap_or_default().trim_start_matches('t');
-            [("amount".to_string(), v), ("customer_id".to_string(), Value::Str(format!("c{task}")))].into()
+            let task = ack
+                .key
+                .split('-')
+                .nth(1)
+                .unwrap_or_default()
+                .trim_start_matches('t');
+            [
+                ("amount".to_string(), v),
+                ("customer_id".to_string(), Value::Str(format!("c{task}"))),
+            ]
+            .into()
         }
     }
 }
 
 fn verify(dir: &Path, acked: &[Ack], cycle: usize) {
-    let store = Store::open(dir, NodeId::new("crash-city").unwrap(), example_policy(), Durability::Fsync)
-        .unwrap_or_else(|e| panic!("cycle {cycle}: reopen failed: {e}"));
+    let store = Store::open(
+        dir,
+        NodeId::new("crash-city").unwrap(),
+        example_policy(),
+        Durability::Fsync,
+    )
+    .unwrap_or_else(|e| panic!("cycle {cycle}: reopen failed: {e}"));
     for ack in acked {
         let doc = match store.get(&ack.category, &ack.key).unwrap() {
-            Some(Item::Record(r)) => r.document().into_iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            Some(Item::Record(r)) => r
+                .document()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
             Some(Item::Log(l)) => l.fields,
-            None => panic!("cycle {cycle}: acknowledged {} {}/{} (seq {}) is lost", ack.op, ack.category, ack.key, ack.seq),
+            None => panic!(
+                "cycle {cycle}: acknowledged {} {}/{} (seq {}) is lost",
+                ack.op, ack.category, ack.key, ack.seq
+            ),
         };
-        assert_eq!(doc, expected(ack), "cycle {cycle}: content of {}/{}", ack.category, ack.key);
+        assert_eq!(
+            doc,
+            expected(ack),
+            "cycle {cycle}: content of {}/{}",
+            ack.category,
+            ack.key
+        );
     }
 
     let log = store.changes_after(0, usize::MAX).unwrap();
     let last = store.last_seq().unwrap();
-    assert_eq!(log.len() as u64, last, "cycle {cycle}: changelog length vs last sequence");
+    assert_eq!(
+        log.len() as u64,
+        last,
+        "cycle {cycle}: changelog length vs last sequence"
+    );
     for (i, (seq, _)) in log.iter().enumerate() {
         assert_eq!(*seq, i as u64 + 1, "cycle {cycle}: changelog has a gap");
     }
-    let keys: BTreeSet<(&str, &str)> = log.iter().map(|(_, e)| (e.category.as_str(), e.key.as_str())).collect();
-    assert_eq!(keys.len(), log.len(), "cycle {cycle}: a mutation has more than one changelog entry");
+    let keys: BTreeSet<(&str, &str)> = log.iter().filter_map(|(_, e)| e.item()).collect();
+    assert_eq!(
+        keys.len(),
+        log.len(),
+        "cycle {cycle}: a mutation has more than one changelog entry"
+    );
     let mut items = 0usize;
     let mut max_stamp = Hlc::ZERO;
     store
@@ -130,20 +172,33 @@ fn verify(dir: &Path, acked: &[Ack], cycle: usize) {
             }
         })
         .unwrap();
-    assert_eq!(items, log.len(), "cycle {cycle}: items without a changelog entry, or entries without an item");
+    assert_eq!(
+        items,
+        log.len(),
+        "cycle {cycle}: items without a changelog entry, or entries without an item"
+    );
     for ack in acked {
         let (_, entry) = &log[(ack.seq - 1) as usize];
-        assert_eq!((entry.category.as_str(), entry.key.as_str()), (ack.category.as_str(), ack.key.as_str()));
+        assert_eq!(
+            entry.item(),
+            Some((ack.category.as_str(), ack.key.as_str()))
+        );
     }
     let clock = store.clock_last().unwrap();
-    assert!(clock >= max_stamp, "cycle {cycle}: HLC {clock} is below a stored stamp {max_stamp}");
+    assert!(
+        clock >= max_stamp,
+        "cycle {cycle}: HLC {clock} is below a stored stamp {max_stamp}"
+    );
 }
 
 #[test]
 fn acknowledged_writes_survive_sigkill() {
     let cycles = env_count("TIERSYNC_CRASH_CYCLES", 25);
     let dir = tempfile::tempdir().unwrap();
-    let seed: u64 = std::env::var("TIERSYNC_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x7153_7e5d);
+    let seed: u64 = std::env::var("TIERSYNC_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x7153_7e5d);
     eprintln!("crash test: {cycles} cycles, seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut acked: Vec<Ack> = Vec::new();
@@ -156,8 +211,20 @@ fn acknowledged_writes_survive_sigkill() {
     // Acknowledged stamps rise with the sequence number, across restarts.
     acked.sort_by_key(|a| a.seq);
     for pair in acked.windows(2) {
-        assert!(pair[0].seq < pair[1].seq, "sequence {} acknowledged twice", pair[0].seq);
-        assert!(pair[0].hlc < pair[1].hlc, "HLC went backwards between seq {} and {}", pair[0].seq, pair[1].seq);
+        assert!(
+            pair[0].seq < pair[1].seq,
+            "sequence {} acknowledged twice",
+            pair[0].seq
+        );
+        assert!(
+            pair[0].hlc < pair[1].hlc,
+            "HLC went backwards between seq {} and {}",
+            pair[0].seq,
+            pair[1].seq
+        );
     }
-    eprintln!("crash test: {} acknowledged writes over {cycles} kills, none lost", acked.len());
+    eprintln!(
+        "crash test: {} acknowledged writes over {cycles} kills, none lost",
+        acked.len()
+    );
 }

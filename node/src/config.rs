@@ -180,10 +180,7 @@ fn invalid(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> Co
 /// Parses TOML text into `T`, naming the key of any error.
 pub fn parse_toml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
     let syntax = |e: toml::de::Error| {
-        let (line, column) = e
-            .span()
-            .map(|s| line_col(text, s.start))
-            .unwrap_or((1, 1));
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
         ConfigError::Syntax {
             file: file.to_path_buf(),
             line,
@@ -193,10 +190,26 @@ pub fn parse_toml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, Con
     };
     let de = toml::Deserializer::parse(text).map_err(syntax)?;
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
+        let mut key = e.path().to_string();
         let reason = e.inner().message().to_string();
+        // serde reports a missing field at its table: name the field itself.
+        if let Some(field) = missing_field(&reason) {
+            key = if key == "." {
+                field.to_string()
+            } else {
+                format!("{key}.{field}")
+            };
+        }
         invalid(file, key, reason)
     })
+}
+
+/// The field named by serde's "missing field `x`" message.
+fn missing_field(reason: &str) -> Option<&str> {
+    reason
+        .strip_prefix("missing field `")?
+        .split_once('`')
+        .map(|(f, _)| f)
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -232,7 +245,11 @@ impl NodeConfig {
                 return Err(invalid(file, "parent", "a national node has no parent"));
             }
             (_, Some(p)) if &p.id == id => {
-                return Err(invalid(file, "parent.id", "a node cannot be its own parent"));
+                return Err(invalid(
+                    file,
+                    "parent.id",
+                    "a node cannot be its own parent",
+                ));
             }
             _ => {}
         }
@@ -242,18 +259,34 @@ impl NodeConfig {
         let mut seen = BTreeSet::new();
         for (i, c) in self.children.iter().enumerate() {
             if c == id {
-                return Err(invalid(file, format!("children[{i}]"), "a node cannot be its own child"));
+                return Err(invalid(
+                    file,
+                    format!("children[{i}]"),
+                    "a node cannot be its own child",
+                ));
             }
             if !seen.insert(c) {
-                return Err(invalid(file, format!("children[{i}]"), format!("{c} is listed twice")));
+                return Err(invalid(
+                    file,
+                    format!("children[{i}]"),
+                    format!("{c} is listed twice"),
+                ));
             }
             if self.parent.as_ref().is_some_and(|p| &p.id == c) {
-                return Err(invalid(file, format!("children[{i}]"), format!("{c} is also this node's parent")));
+                return Err(invalid(
+                    file,
+                    format!("children[{i}]"),
+                    format!("{c} is also this node's parent"),
+                ));
             }
         }
         if let Some(p) = &self.parent {
             if !p.addr.contains(':') {
-                return Err(invalid(file, "parent.addr", format!("{:?} is not host:port", p.addr)));
+                return Err(invalid(
+                    file,
+                    "parent.addr",
+                    format!("{:?} is not host:port", p.addr),
+                ));
             }
         }
         if self.tls.is_none() && (self.parent.is_some() || !self.children.is_empty()) {
@@ -264,7 +297,11 @@ impl NodeConfig {
             ));
         }
         if self.listen.peer == self.listen.api {
-            return Err(invalid(file, "listen.api", "the API and peer addresses must differ"));
+            return Err(invalid(
+                file,
+                "listen.api",
+                "the API and peer addresses must differ",
+            ));
         }
         Ok(())
     }
@@ -291,7 +328,18 @@ pub fn load(file: &Path) -> Result<Loaded, ConfigError> {
     config.validate(file)?;
     let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
     config.resolve_paths(&base);
-    let policy = load_policy(&config.node.policy)?;
+    let policy = load_policy(&config.node.policy).map_err(|e| match e {
+        // Name the node file and key that point at the unreadable policy.
+        ConfigError::Read {
+            file: policy,
+            source,
+        } => invalid(
+            file,
+            "node.policy",
+            format!("cannot read {}: {source}", policy.display()),
+        ),
+        other => other,
+    })?;
     Ok(Loaded {
         config,
         path: file.to_path_buf(),
@@ -307,5 +355,11 @@ mod tests {
     fn line_and_column_are_one_based() {
         assert_eq!(line_col("ab\ncd", 4), (2, 2));
         assert_eq!(line_col("x", 0), (1, 1));
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        assert_eq!(missing_field("missing field `id`"), Some("id"));
+        assert_eq!(missing_field("unknown field `x`"), None);
     }
 }

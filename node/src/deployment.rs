@@ -45,19 +45,30 @@ pub fn check(nodes: &[Loaded]) -> Vec<Problem> {
             problem(
                 l,
                 "node.id",
-                format!("{} is also the id in {}", l.config.node.id, prev.path.display()),
+                format!(
+                    "{} is also the id in {}",
+                    l.config.node.id,
+                    prev.path.display()
+                ),
             );
         }
     }
     let mut addrs: BTreeMap<std::net::SocketAddr, &Loaded> = BTreeMap::new();
     for l in nodes {
-        for (key, addr) in [("listen.peer", l.config.listen.peer), ("listen.api", l.config.listen.api)] {
+        for (key, addr) in [
+            ("listen.peer", l.config.listen.peer),
+            ("listen.api", l.config.listen.api),
+        ] {
             if addr.port() == 0 {
                 continue;
             }
             if let Some(prev) = addrs.insert(addr, l) {
                 if !std::ptr::eq(prev, l) {
-                    problem(l, key, format!("{addr} is also used by {}", prev.path.display()));
+                    problem(
+                        l,
+                        key,
+                        format!("{addr} is also used by {}", prev.path.display()),
+                    );
                 }
             }
         }
@@ -83,13 +94,21 @@ pub fn check(nodes: &[Loaded]) -> Vec<Problem> {
         let me = &l.config.node.id;
         if let Some(p) = &l.config.parent {
             match by_id.get(&p.id) {
-                None => problem(l, "parent.id", format!("no file of this deployment is node {}", p.id)),
+                None => problem(
+                    l,
+                    "parent.id",
+                    format!("no file of this deployment is node {}", p.id),
+                ),
                 Some(parent) => {
                     if !parent.config.children.contains(me) {
                         problem(
                             l,
                             "parent.id",
-                            format!("{} does not list {me} in its children ({})", p.id, parent.path.display()),
+                            format!(
+                                "{} does not list {me} in its children ({})",
+                                p.id,
+                                parent.path.display()
+                            ),
                         );
                     }
                     if parent.config.node.tier <= l.config.node.tier {
@@ -107,13 +126,20 @@ pub fn check(nodes: &[Loaded]) -> Vec<Problem> {
         }
         for (i, c) in l.config.children.iter().enumerate() {
             match by_id.get(c) {
-                None => problem(l, &format!("children[{i}]"), format!("no file of this deployment is node {c}")),
+                None => problem(
+                    l,
+                    &format!("children[{i}]"),
+                    format!("no file of this deployment is node {c}"),
+                ),
                 Some(child) => {
                     if child.config.parent.as_ref().map(|p| &p.id) != Some(me) {
                         problem(
                             l,
                             &format!("children[{i}]"),
-                            format!("{c} does not name {me} as its parent ({})", child.path.display()),
+                            format!(
+                                "{c} does not name {me} as its parent ({})",
+                                child.path.display()
+                            ),
                         );
                     }
                 }
@@ -124,7 +150,11 @@ pub fn check(nodes: &[Loaded]) -> Vec<Problem> {
         let mut cur = l;
         while let Some(p) = &cur.config.parent {
             if !seen.insert(&cur.config.node.id) {
-                problem(l, "parent.id", format!("the parent chain from {me} loops back on itself"));
+                problem(
+                    l,
+                    "parent.id",
+                    format!("the parent chain from {me} loops back on itself"),
+                );
                 break;
             }
             match by_id.get(&p.id) {
@@ -144,7 +174,12 @@ fn short(hex: &str) -> &str {
 pub fn tree(nodes: &[Loaded]) -> Vec<(usize, &Loaded)> {
     let by_id: BTreeMap<&NodeId, &Loaded> = nodes.iter().map(|l| (&l.config.node.id, l)).collect();
     let mut out = Vec::new();
-    fn walk<'a>(l: &'a Loaded, depth: usize, by_id: &BTreeMap<&NodeId, &'a Loaded>, out: &mut Vec<(usize, &'a Loaded)>) {
+    fn walk<'a>(
+        l: &'a Loaded,
+        depth: usize,
+        by_id: &BTreeMap<&NodeId, &'a Loaded>,
+        out: &mut Vec<(usize, &'a Loaded)>,
+    ) {
         if depth > by_id.len() {
             return; // a cycle; `check` reports it
         }
@@ -156,7 +191,11 @@ pub fn tree(nodes: &[Loaded]) -> Vec<(usize, &Loaded)> {
         }
     }
     for l in nodes {
-        let parent_known = l.config.parent.as_ref().is_some_and(|p| by_id.contains_key(&p.id));
+        let parent_known = l
+            .config
+            .parent
+            .as_ref()
+            .is_some_and(|p| by_id.contains_key(&p.id));
         if !parent_known {
             walk(l, 0, &by_id, &mut out);
         }

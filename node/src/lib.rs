@@ -1,10 +1,17 @@
 //! The tiersync node: configuration, durable store, group-commit writer and
 //! the command line. See `ARCHITECTURE.md` at the repository root for the map.
 
+pub mod api;
+pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod deploygen;
 pub mod deployment;
+pub mod json;
+pub mod link;
+pub mod node;
 pub mod store;
+pub mod tls;
 pub mod writer;
 
 /// Wall-clock milliseconds since the Unix epoch. The only place the node

@@ -51,7 +51,10 @@ impl Writer {
     }
 
     /// Applies `mutations` (in order) and waits until they are durable.
-    pub async fn apply(&self, mutations: Vec<Mutation>) -> Result<Vec<Result<Applied, WriteError>>, WriterError> {
+    pub async fn apply(
+        &self,
+        mutations: Vec<Mutation>,
+    ) -> Result<Vec<Result<Applied, WriteError>>, WriterError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request { mutations, reply })
@@ -63,9 +66,10 @@ impl Writer {
     /// Applies one mutation and waits until it is durable.
     pub async fn apply_one(&self, mutation: Mutation) -> Result<Applied, WriteError> {
         match self.apply(vec![mutation]).await {
-            Ok(mut results) => results
-                .pop()
-                .unwrap_or_else(|| Err(WriteError::Store(crate::store::StoreError::Poisoned))),
+            // The writer answers every request with one result per mutation.
+            Ok(mut results) => results.pop().unwrap_or(Err(WriteError::Unavailable(
+                "the writer returned no result".into(),
+            ))),
             Err(e) => Err(WriteError::Unavailable(e.to_string())),
         }
     }

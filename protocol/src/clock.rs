@@ -147,9 +147,27 @@ mod tests {
     #[test]
     fn follows_wall_clock_when_it_advances() {
         let mut c = HlcClock::new(node());
-        assert_eq!(c.tick(100).hlc, Hlc { physical_ms: 100, logical: 0 });
-        assert_eq!(c.tick(100).hlc, Hlc { physical_ms: 100, logical: 1 });
-        assert_eq!(c.tick(250).hlc, Hlc { physical_ms: 250, logical: 0 });
+        assert_eq!(
+            c.tick(100).hlc,
+            Hlc {
+                physical_ms: 100,
+                logical: 0
+            }
+        );
+        assert_eq!(
+            c.tick(100).hlc,
+            Hlc {
+                physical_ms: 100,
+                logical: 1
+            }
+        );
+        assert_eq!(
+            c.tick(250).hlc,
+            Hlc {
+                physical_ms: 250,
+                logical: 0
+            }
+        );
     }
 
     #[test]
@@ -163,22 +181,46 @@ mod tests {
 
     #[test]
     fn resume_continues_above_persisted_value() {
-        let persisted = Hlc { physical_ms: 9_000, logical: 7 };
+        let persisted = Hlc {
+            physical_ms: 9_000,
+            logical: 7,
+        };
         let mut c = HlcClock::resume(node(), persisted);
         assert!(c.tick(1).hlc > persisted);
     }
 
     #[test]
     fn logical_overflow_carries_into_physical() {
-        let mut c = HlcClock::resume(node(), Hlc { physical_ms: 5, logical: u32::MAX });
-        assert_eq!(c.tick(0).hlc, Hlc { physical_ms: 6, logical: 0 });
+        let mut c = HlcClock::resume(
+            node(),
+            Hlc {
+                physical_ms: 5,
+                logical: u32::MAX,
+            },
+        );
+        assert_eq!(
+            c.tick(0).hlc,
+            Hlc {
+                physical_ms: 6,
+                logical: 0
+            }
+        );
     }
 
     #[test]
     fn observe_orders_later_writes_after_remote() {
         let mut c = HlcClock::new(node());
-        c.observe(Hlc { physical_ms: 50_000, logical: 3 });
-        assert!(c.tick(10).hlc > Hlc { physical_ms: 50_000, logical: 3 });
+        c.observe(Hlc {
+            physical_ms: 50_000,
+            logical: 3,
+        });
+        assert!(
+            c.tick(10).hlc
+                > Hlc {
+                    physical_ms: 50_000,
+                    logical: 3
+                }
+        );
     }
 
     proptest! {

@@ -108,7 +108,10 @@ pub fn decode_stored<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError>
 /// Encodes a frame: length prefix, version byte, payload. Fails if the frame
 /// would be over `max_frame_bytes` (so a sender never emits what its peer
 /// must refuse).
-pub fn encode_frame<T: Serialize>(value: &T, max_frame_bytes: usize) -> Result<Vec<u8>, CodecError> {
+pub fn encode_frame<T: Serialize>(
+    value: &T,
+    max_frame_bytes: usize,
+) -> Result<Vec<u8>, CodecError> {
     let payload = encode_payload(value)?;
     let len = payload.len() + 1;
     let max = max_frame_bytes.min(HARD_MAX_BYTES);
@@ -163,8 +166,8 @@ pub fn decode_frame<T: DeserializeOwned>(
 mod tests {
     use super::*;
     use crate::frame::Frame;
-    use crate::item::tests::arb_item;
     use crate::item::Item;
+    use crate::item::tests::arb_item;
     use proptest::prelude::*;
 
     #[test]
@@ -185,13 +188,18 @@ mod tests {
     fn trailing_bytes_are_refused() {
         let mut bytes = encode_stored(&7u32).unwrap();
         bytes.push(0);
-        assert!(matches!(decode_stored::<u32>(&bytes), Err(CodecError::TrailingBytes(1))));
+        assert!(matches!(
+            decode_stored::<u32>(&bytes),
+            Err(CodecError::TrailingBytes(1))
+        ));
     }
 
     #[test]
     fn huge_length_prefix_is_refused_before_allocating() {
         // A 12-byte input claiming a multi-terabyte vector.
-        let evil = [VERSION, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x02];
+        let evil = [
+            VERSION, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x02,
+        ];
         assert!(decode_stored::<Vec<u64>>(&evil).is_err());
         assert!(decode_stored::<String>(&evil).is_err());
         let frame = [0xff, 0xff, 0xff, 0xf0, VERSION];
@@ -205,12 +213,19 @@ mod tests {
     fn frames_are_incomplete_until_whole() {
         let bytes = encode_frame(&Frame::Ping { nonce: 42 }, 1 << 20).unwrap();
         for cut in 0..bytes.len() {
-            assert!(decode_frame::<Frame>(&bytes[..cut], 1 << 20).unwrap().is_none());
+            assert!(
+                decode_frame::<Frame>(&bytes[..cut], 1 << 20)
+                    .unwrap()
+                    .is_none()
+            );
         }
         let (f, n) = decode_frame::<Frame>(&bytes, 1 << 20).unwrap().unwrap();
         assert_eq!(n, bytes.len());
         assert_eq!(f, Frame::Ping { nonce: 42 });
-        assert!(matches!(check_frame(&[0, 0, 0, 0], 100), Err(CodecError::EmptyFrame)));
+        assert!(matches!(
+            check_frame(&[0, 0, 0, 0], 100),
+            Err(CodecError::EmptyFrame)
+        ));
     }
 
     #[test]
@@ -229,7 +244,10 @@ mod tests {
             encode_frame(&Frame::Ping { nonce: 300 }, 1024).unwrap(),
             [0, 0, 0, 5, VERSION, 5, 251, 1, 44]
         );
-        assert_eq!(encode_stored(&(1u64, "ab")).unwrap(), [VERSION, 1, 2, b'a', b'b']);
+        assert_eq!(
+            encode_stored(&(1u64, "ab")).unwrap(),
+            [VERSION, 1, 2, b'a', b'b']
+        );
     }
 
     proptest! {

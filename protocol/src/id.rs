@@ -80,9 +80,7 @@ impl fmt::Debug for NodeId {
 
 /// A node's level in the hierarchy. Ordered: `City < Province < National`;
 /// a parent's tier is always above its children's.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     /// Runs the complete local CRM; owns private data.
@@ -120,7 +118,10 @@ mod tests {
         assert_eq!(NodeId::new(""), Err(IdError::Empty));
         assert!(matches!(NodeId::new("Hangzhou"), Err(IdError::BadChar(_))));
         assert!(matches!(NodeId::new("a b"), Err(IdError::BadChar(_))));
-        assert!(matches!(NodeId::new("x".repeat(65)), Err(IdError::TooLong(_))));
+        assert!(matches!(
+            NodeId::new("x".repeat(65)),
+            Err(IdError::TooLong(_))
+        ));
     }
 
     #[test]

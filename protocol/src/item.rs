@@ -41,13 +41,22 @@ fn merge_reg<V: Ord + Clone>(reg: &mut LWWReg<V, Stamp>, other: &LWWReg<V, Stamp
     if reg.validate_merge(other).is_err() {
         if other.val > reg.val {
             reg.val = other.val.clone();
-            return MergeOutcome { changed: true, conflict: true };
+            return MergeOutcome {
+                changed: true,
+                conflict: true,
+            };
         }
-        return MergeOutcome { changed: false, conflict: true };
+        return MergeOutcome {
+            changed: false,
+            conflict: true,
+        };
     }
     if other.marker > reg.marker {
         reg.merge(other.clone());
-        return MergeOutcome { changed: true, conflict: false };
+        return MergeOutcome {
+            changed: true,
+            conflict: false,
+        };
     }
     MergeOutcome::default()
 }
@@ -278,9 +287,15 @@ impl Item {
             (Item::Log(a), Item::Log(b)) => a.merge(b),
             (mine @ Item::Record(_), theirs @ Item::Log(_)) => {
                 *mine = theirs.clone();
-                MergeOutcome { changed: true, conflict: true }
+                MergeOutcome {
+                    changed: true,
+                    conflict: true,
+                }
             }
-            (Item::Log(_), Item::Record(_)) => MergeOutcome { changed: false, conflict: true },
+            (Item::Log(_), Item::Record(_)) => MergeOutcome {
+                changed: false,
+                conflict: true,
+            },
         }
     }
 
@@ -313,13 +328,19 @@ pub(crate) mod tests {
 
     pub fn stamp(ms: u64, node: &str) -> Stamp {
         Stamp {
-            hlc: Hlc { physical_ms: ms, logical: 0 },
+            hlc: Hlc {
+                physical_ms: ms,
+                logical: 0,
+            },
             origin: NodeId::new(node).unwrap(),
         }
     }
 
     fn doc(pairs: &[(&str, i64)]) -> BTreeMap<String, Value> {
-        pairs.iter().map(|(k, v)| (k.to_string(), Value::Int(*v))).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::Int(*v)))
+            .collect()
     }
 
     #[test]
@@ -327,7 +348,10 @@ pub(crate) mod tests {
         let mut r = Record::default();
         r.put(doc(&[("a", 1), ("b", 2)]), stamp(1, "x"));
         r.put(doc(&[("a", 3)]), stamp(2, "x"));
-        assert_eq!(r.document().into_iter().collect::<Vec<_>>(), vec![("a", &Value::Int(3))]);
+        assert_eq!(
+            r.document().into_iter().collect::<Vec<_>>(),
+            vec![("a", &Value::Int(3))]
+        );
     }
 
     #[test]
@@ -378,8 +402,14 @@ pub(crate) mod tests {
 
     #[test]
     fn log_conflicts_are_reported_and_resolved_by_stamp() {
-        let mut a = LogEntry { fields: doc(&[("amount", 5)]), stamp: stamp(1, "a") };
-        let b = LogEntry { fields: doc(&[("amount", 7)]), stamp: stamp(2, "b") };
+        let mut a = LogEntry {
+            fields: doc(&[("amount", 5)]),
+            stamp: stamp(1, "a"),
+        };
+        let b = LogEntry {
+            fields: doc(&[("amount", 7)]),
+            stamp: stamp(2, "b"),
+        };
         let out = a.merge(&b);
         assert!(out.changed && out.conflict);
         assert_eq!(a, b);
@@ -413,12 +443,18 @@ pub(crate) mod tests {
 
     fn arb_stamp() -> impl Strategy<Value = Stamp> {
         // Few distinct times and nodes so collisions and ties are common.
-        (0u64..6, 0u32..2, prop_oneof![Just("a"), Just("b"), Just("c")]).prop_map(
-            |(ms, logical, n)| Stamp {
-                hlc: Hlc { physical_ms: ms, logical },
-                origin: NodeId::new(n).unwrap(),
-            },
+        (
+            0u64..6,
+            0u32..2,
+            prop_oneof![Just("a"), Just("b"), Just("c")],
         )
+            .prop_map(|(ms, logical, n)| Stamp {
+                hlc: Hlc {
+                    physical_ms: ms,
+                    logical,
+                },
+                origin: NodeId::new(n).unwrap(),
+            })
     }
 
     #[derive(Debug, Clone)]
@@ -429,7 +465,11 @@ pub(crate) mod tests {
     }
 
     fn arb_field() -> impl Strategy<Value = String> {
-        prop_oneof![Just("f1".to_string()), Just("f2".to_string()), Just("f3".to_string())]
+        prop_oneof![
+            Just("f1".to_string()),
+            Just("f2".to_string()),
+            Just("f3".to_string())
+        ]
     }
 
     fn arb_op() -> impl Strategy<Value = Op> {
@@ -456,12 +496,18 @@ pub(crate) mod tests {
     }
 
     pub fn arb_log() -> impl Strategy<Value = LogEntry> {
-        (proptest::collection::btree_map(arb_field(), arb_value(), 0..3), arb_stamp())
+        (
+            proptest::collection::btree_map(arb_field(), arb_value(), 0..3),
+            arb_stamp(),
+        )
             .prop_map(|(fields, stamp)| LogEntry { fields, stamp })
     }
 
     pub fn arb_item() -> impl Strategy<Value = Item> {
-        prop_oneof![arb_record().prop_map(Item::Record), arb_log().prop_map(Item::Log)]
+        prop_oneof![
+            arb_record().prop_map(Item::Record),
+            arb_log().prop_map(Item::Log)
+        ]
     }
 
     fn merged(a: &Item, b: &Item) -> Item {

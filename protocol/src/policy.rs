@@ -123,7 +123,11 @@ impl Dimension {
                 "day" => TimeBucket::Day,
                 "month" => TimeBucket::Month,
                 "year" => TimeBucket::Year,
-                other => return Err(format!("unknown function {other:?} in {s:?}: expected day, month or year")),
+                other => {
+                    return Err(format!(
+                        "unknown function {other:?} in {s:?}: expected day, month or year"
+                    ));
+                }
             };
             check_field_name(arg)?;
             return Ok(Dimension::Bucket(bucket, arg.to_string()));
@@ -145,7 +149,9 @@ impl Measure {
                 check_field_name(arg)?;
                 Ok(Measure::Sum(arg.to_string()))
             }
-            _ => Err(format!("unknown measure {s:?}: expected \"count\" or \"sum(field)\"")),
+            _ => Err(format!(
+                "unknown measure {s:?}: expected \"count\" or \"sum(field)\""
+            )),
         }
     }
 }
@@ -359,7 +365,10 @@ impl Policy {
     }
 
     /// Checks a document's shape: field count and field names.
-    pub fn check_fields<'a>(&self, names: impl ExactSizeIterator<Item = &'a String>) -> Result<(), PolicyError> {
+    pub fn check_fields<'a>(
+        &self,
+        names: impl ExactSizeIterator<Item = &'a String>,
+    ) -> Result<(), PolicyError> {
         if names.len() > self.limits.max_fields {
             return Err(PolicyError::BadDocument(format!(
                 "{} fields, over the limit of {}",
@@ -382,9 +391,18 @@ mod tests {
         let mut categories = BTreeMap::new();
         categories.insert(
             "customer".to_string(),
-            Category { kind: Kind::Record, replicate: Replicate::Up, customer_link: None, description: String::new() },
+            Category {
+                kind: Kind::Record,
+                replicate: Replicate::Up,
+                customer_link: None,
+                description: String::new(),
+            },
         );
-        Policy { limits: Limits::default(), categories, aggregates: BTreeMap::new() }
+        Policy {
+            limits: Limits::default(),
+            categories,
+            aggregates: BTreeMap::new(),
+        }
     }
 
     #[test]
@@ -415,9 +433,18 @@ mod tests {
     #[test]
     fn parses_dimensions_and_measures() {
         assert_eq!(Dimension::parse("origin"), Ok(Dimension::Origin));
-        assert_eq!(Dimension::parse("month(billed_at)"), Ok(Dimension::Bucket(TimeBucket::Month, "billed_at".into())));
-        assert_eq!(Dimension::parse("segment"), Ok(Dimension::Field("segment".into())));
-        assert_eq!(Measure::parse("sum(amount)"), Ok(Measure::Sum("amount".into())));
+        assert_eq!(
+            Dimension::parse("month(billed_at)"),
+            Ok(Dimension::Bucket(TimeBucket::Month, "billed_at".into()))
+        );
+        assert_eq!(
+            Dimension::parse("segment"),
+            Ok(Dimension::Field("segment".into()))
+        );
+        assert_eq!(
+            Measure::parse("sum(amount)"),
+            Ok(Measure::Sum("amount".into()))
+        );
         assert!(Measure::parse("avg(amount)").is_err());
     }
 

@@ -122,7 +122,12 @@ impl Uplink {
     /// A disconnected uplink. `local_last` is the child's last sequence
     /// number; `retained_from` the lowest sequence number its changelog still
     /// holds (1 when nothing was trimmed).
-    pub fn new(cfg: UplinkConfig, local_last: u64, local_last_hlc: Hlc, retained_from: u64) -> Self {
+    pub fn new(
+        cfg: UplinkConfig,
+        local_last: u64,
+        local_last_hlc: Hlc,
+        retained_from: u64,
+    ) -> Self {
         Self {
             cfg,
             subtree: Vec::new(),
@@ -227,14 +232,20 @@ impl Uplink {
             (Frame::Ack { last_seq }, UpState::Streaming) => self.ack(last_seq),
             (Frame::SnapshotAck, UpState::Snapshot { .. } | UpState::Streaming) => {
                 if self.chunks_in_flight == 0 {
-                    return self.close("parent acknowledged a snapshot chunk that was not sent".into());
+                    return self
+                        .close("parent acknowledged a snapshot chunk that was not sent".into());
                 }
                 self.chunks_in_flight -= 1;
                 self.pump();
             }
-            (Frame::Ping { nonce }, _) => self.events.push_back(UplinkEvent::Send(Frame::Ping { nonce })),
+            (Frame::Ping { nonce }, _) => self
+                .events
+                .push_back(UplinkEvent::Send(Frame::Ping { nonce })),
             (other, state) => {
-                self.close(format!("unexpected frame from parent in state {state:?}: {}", frame_name(&other)));
+                self.close(format!(
+                    "unexpected frame from parent in state {state:?}: {}",
+                    frame_name(&other)
+                ));
             }
         }
     }
@@ -266,7 +277,10 @@ impl Uplink {
 
     fn ack(&mut self, last_seq: u64) {
         if last_seq > self.sent_upto {
-            return self.close(format!("parent acknowledged {last_seq}, beyond what was sent ({})", self.sent_upto));
+            return self.close(format!(
+                "parent acknowledged {last_seq}, beyond what was sent ({})",
+                self.sent_upto
+            ));
         }
         while self.in_flight.front().is_some_and(|&s| s <= last_seq) {
             self.in_flight.pop_front();
@@ -304,11 +318,23 @@ impl Uplink {
     /// first chunk (`after` was `None`) the driver also passes its
     /// watermarks as they are *before* it reads any item, so that what they
     /// claim is covered by the items read after them.
-    pub fn snapshot_loaded(&mut self, epoch: u64, items: Vec<WireItem>, next: Option<ItemKey>, watermarks: Vec<Watermark>) {
+    pub fn snapshot_loaded(
+        &mut self,
+        epoch: u64,
+        items: Vec<WireItem>,
+        next: Option<ItemKey>,
+        watermarks: Vec<Watermark>,
+    ) {
         if epoch != self.epoch {
             return;
         }
-        let UpState::Snapshot { upto, upto_hlc, next: cursor, all_loaded, watermarks: marks } = &mut self.state
+        let UpState::Snapshot {
+            upto,
+            upto_hlc,
+            next: cursor,
+            all_loaded,
+            watermarks: marks,
+        } = &mut self.state
         else {
             return;
         };
@@ -318,7 +344,8 @@ impl Uplink {
         self.loading = false;
         if !items.is_empty() {
             self.chunks_in_flight += 1;
-            self.events.push_back(UplinkEvent::Send(Frame::SnapshotChunk { items }));
+            self.events
+                .push_back(UplinkEvent::Send(Frame::SnapshotChunk { items }));
         }
         match next {
             Some(k) => *cursor = Some(k),
@@ -327,7 +354,12 @@ impl Uplink {
                 let (upto, upto_hlc, watermarks) = (*upto, *upto_hlc, std::mem::take(marks));
                 // The stream is ordered: the parent merges every chunk before
                 // it reads this, and its Ack covers the whole snapshot.
-                self.events.push_back(UplinkEvent::Send(Frame::SnapshotDone { last_seq: upto, upto_hlc, watermarks }));
+                self.events
+                    .push_back(UplinkEvent::Send(Frame::SnapshotDone {
+                        last_seq: upto,
+                        upto_hlc,
+                        watermarks,
+                    }));
                 self.state = UpState::Streaming;
                 self.sent_upto = upto;
                 self.in_flight.clear();
@@ -343,15 +375,25 @@ impl Uplink {
         }
         let window = self.cfg.window.max(1);
         match &self.state {
-            UpState::Streaming => {
-                if self.in_flight.len() < window && self.sent_upto < self.local_last {
-                    self.loading = true;
-                    self.events.push_back(UplinkEvent::LoadBatch { after: self.sent_upto, epoch: self.epoch });
-                }
-            }
-            UpState::Snapshot { next, all_loaded: false, .. } if self.chunks_in_flight < window => {
+            UpState::Streaming
+                if self.in_flight.len() < window && self.sent_upto < self.local_last =>
+            {
                 self.loading = true;
-                self.events.push_back(UplinkEvent::LoadSnapshot { after: next.clone(), epoch: self.epoch });
+                self.events.push_back(UplinkEvent::LoadBatch {
+                    after: self.sent_upto,
+                    epoch: self.epoch,
+                });
+            }
+            UpState::Snapshot {
+                next,
+                all_loaded: false,
+                ..
+            } if self.chunks_in_flight < window => {
+                self.loading = true;
+                self.events.push_back(UplinkEvent::LoadSnapshot {
+                    after: next.clone(),
+                    epoch: self.epoch,
+                });
             }
             _ => {}
         }
@@ -481,8 +523,13 @@ impl Downlink {
 
     /// Refuses the child and closes the link.
     pub fn refuse(&mut self, reason: RefuseReason, message: String) {
-        self.events.push_back(DownlinkEvent::Send(Frame::Refuse { reason, message: message.clone() }));
-        self.events.push_back(DownlinkEvent::Close { reason: format!("refused {} ({reason:?}): {message}", self.peer) });
+        self.events.push_back(DownlinkEvent::Send(Frame::Refuse {
+            reason,
+            message: message.clone(),
+        }));
+        self.events.push_back(DownlinkEvent::Close {
+            reason: format!("refused {} ({reason:?}): {message}", self.peer),
+        });
         self.state = DownState::Closed;
     }
 
@@ -491,10 +538,26 @@ impl Downlink {
         match (frame, self.state) {
             (_, DownState::Closed) => {}
             (
-                Frame::Hello { protocol, node, tier, policy_digest, incarnation, subtree },
+                Frame::Hello {
+                    protocol,
+                    node,
+                    tier,
+                    policy_digest,
+                    incarnation,
+                    subtree,
+                },
                 DownState::AwaitHello,
             ) => self.hello(protocol, node, tier, policy_digest, incarnation, subtree),
-            (Frame::Batch { after, last_seq, upto_hlc, items, watermarks }, DownState::Open) => {
+            (
+                Frame::Batch {
+                    after,
+                    last_seq,
+                    upto_hlc,
+                    items,
+                    watermarks,
+                },
+                DownState::Open,
+            ) => {
                 if let Err(why) = self.check_items(&items, now_ms, policy) {
                     return self.refuse(RefuseReason::Violation, why);
                 }
@@ -512,9 +575,20 @@ impl Downlink {
                     return self.refuse(RefuseReason::Violation, why);
                 }
                 self.state = DownState::Merging(Pending::Chunk);
-                self.events.push_back(DownlinkEvent::Merge { items, cursor: None, watermarks: Vec::new() });
+                self.events.push_back(DownlinkEvent::Merge {
+                    items,
+                    cursor: None,
+                    watermarks: Vec::new(),
+                });
             }
-            (Frame::SnapshotDone { last_seq, upto_hlc, watermarks }, DownState::Open) => {
+            (
+                Frame::SnapshotDone {
+                    last_seq,
+                    upto_hlc,
+                    watermarks,
+                },
+                DownState::Open,
+            ) => {
                 self.complete_range(last_seq, upto_hlc, Vec::new(), watermarks, now_ms, policy);
             }
             (Frame::Ping { .. }, _) => {}
@@ -536,25 +610,51 @@ impl Downlink {
         now_ms: u64,
         policy: &Policy,
     ) {
-        if let Some(w) = watermarks.iter().find(|w| !self.allowed_origins.contains(&w.origin)) {
-            let why = format!("watermark for {} which is not in the subtree of {}", w.origin, self.peer);
+        if let Some(w) = watermarks
+            .iter()
+            .find(|w| !self.allowed_origins.contains(&w.origin))
+        {
+            let why = format!(
+                "watermark for {} which is not in the subtree of {}",
+                w.origin, self.peer
+            );
             return self.refuse(RefuseReason::Violation, why);
         }
         let limit = now_ms.saturating_add(policy.limits.max_clock_skew_ms);
-        if let Some(h) = std::iter::once(upto_hlc).chain(watermarks.iter().map(|w| w.hlc)).find(|h| h.physical_ms > limit) {
+        if let Some(h) = std::iter::once(upto_hlc)
+            .chain(watermarks.iter().map(|w| w.hlc))
+            .find(|h| h.physical_ms > limit)
+        {
             return self.refuse(RefuseReason::Violation, future_msg(h, now_ms, policy));
         }
         self.state = DownState::Merging(Pending::Batch(last_seq));
-        self.events.push_back(DownlinkEvent::Merge { items, cursor: Some((last_seq, upto_hlc)), watermarks });
+        self.events.push_back(DownlinkEvent::Merge {
+            items,
+            cursor: Some((last_seq, upto_hlc)),
+            watermarks,
+        });
     }
 
-    fn hello(&mut self, protocol: u32, node: NodeId, tier: Tier, digest: [u8; 32], incarnation: u64, subtree: Vec<NodeId>) {
+    fn hello(
+        &mut self,
+        protocol: u32,
+        node: NodeId,
+        tier: Tier,
+        digest: [u8; 32],
+        incarnation: u64,
+        subtree: Vec<NodeId>,
+    ) {
         if protocol != PROTOCOL_VERSION {
-            let why = format!("protocol version {protocol} is not supported (this node speaks {PROTOCOL_VERSION})");
+            let why = format!(
+                "protocol version {protocol} is not supported (this node speaks {PROTOCOL_VERSION})"
+            );
             return self.refuse(RefuseReason::UnsupportedVersion, why);
         }
         if node != self.peer {
-            let why = format!("Hello claims node {node} but the certificate is for {}", self.peer);
+            let why = format!(
+                "Hello claims node {node} but the certificate is for {}",
+                self.peer
+            );
             return self.refuse(RefuseReason::IdMismatch, why);
         }
         if !self.cfg.children.contains(&node) {
@@ -574,7 +674,10 @@ impl Downlink {
             return self.refuse(RefuseReason::PolicyMismatch, why);
         }
         if tier == Tier::City && !subtree.is_empty() {
-            return self.refuse(RefuseReason::Violation, format!("city {node} claims a subtree"));
+            return self.refuse(
+                RefuseReason::Violation,
+                format!("city {node} claims a subtree"),
+            );
         }
         let mut allowed = BTreeSet::from([node.clone()]);
         for n in &subtree {
@@ -586,7 +689,11 @@ impl Downlink {
         self.child_tier = tier;
         self.allowed_origins = allowed;
         self.state = DownState::AwaitCursor;
-        self.events.push_back(DownlinkEvent::Accepted { child: node, incarnation, subtree });
+        self.events.push_back(DownlinkEvent::Accepted {
+            child: node,
+            incarnation,
+            subtree,
+        });
     }
 
     /// The driver's answer to [`DownlinkEvent::Accepted`]: the durable cursor.
@@ -596,12 +703,15 @@ impl Downlink {
         }
         self.state = DownState::Open;
         self.cursor = resume_from;
-        self.events.push_back(DownlinkEvent::Send(Frame::Welcome { resume_from }));
+        self.events
+            .push_back(DownlinkEvent::Send(Frame::Welcome { resume_from }));
     }
 
     /// The driver committed the last [`DownlinkEvent::Merge`] durably.
     pub fn merged(&mut self) {
-        let DownState::Merging(pending) = self.state else { return };
+        let DownState::Merging(pending) = self.state else {
+            return;
+        };
         self.state = DownState::Open;
         self.events.push_back(DownlinkEvent::Send(match pending {
             Pending::Batch(last_seq) => {
@@ -619,11 +729,15 @@ impl Downlink {
 
     fn check_items(&self, items: &[WireItem], now_ms: u64, policy: &Policy) -> Result<(), String> {
         if items.len() > policy.limits.max_batch_items {
-            return Err(format!("{} items in one batch, over the limit of {}", items.len(), policy.limits.max_batch_items));
+            return Err(format!(
+                "{} items in one batch, over the limit of {}",
+                items.len(),
+                policy.limits.max_batch_items
+            ));
         }
-        items
-            .iter()
-            .try_for_each(|w| validate_item(policy, now_ms, |o| self.allowed_origins.contains(o), w))
+        items.iter().try_for_each(|w| {
+            validate_item(policy, now_ms, |o| self.allowed_origins.contains(o), w)
+        })
     }
 }
 
@@ -650,14 +764,29 @@ pub fn validate_item(
     w: &WireItem,
 ) -> Result<(), String> {
     let at = || format!("{}/{}", w.category, w.key);
-    let cat = policy.category(&w.category).map_err(|e| format!("{}: {e}", at()))?;
+    let cat = policy
+        .category(&w.category)
+        .map_err(|e| format!("{}: {e}", at()))?;
     if cat.replicate != Replicate::Up {
-        return Err(format!("{}: category {:?} is private (replicate = \"local\") and never leaves its node", at(), w.category));
+        return Err(format!(
+            "{}: category {:?} is private (replicate = \"local\") and never leaves its node",
+            at(),
+            w.category
+        ));
     }
-    policy.check_key(&w.key).map_err(|e| format!("{}: {e}", at()))?;
-    let kind_ok = matches!((&w.item, cat.kind), (Item::Record(_), Kind::Record) | (Item::Log(_), Kind::Log));
+    policy
+        .check_key(&w.key)
+        .map_err(|e| format!("{}: {e}", at()))?;
+    let kind_ok = matches!(
+        (&w.item, cat.kind),
+        (Item::Record(_), Kind::Record) | (Item::Log(_), Kind::Log)
+    );
     if !kind_ok {
-        return Err(format!("{}: item kind does not match the category's kind {:?}", at(), cat.kind));
+        return Err(format!(
+            "{}: item kind does not match the category's kind {:?}",
+            at(),
+            cat.kind
+        ));
     }
     if let Item::Record(r) = &w.item {
         if !r.is_canonical() {
@@ -667,7 +796,11 @@ pub fn validate_item(
     let limit = now_ms.saturating_add(policy.limits.max_clock_skew_ms);
     for s in w.item.stamps() {
         if !origin_allowed(&s.origin) {
-            return Err(format!("{}: origin {} is not the sender or a node of its subtree", at(), s.origin));
+            return Err(format!(
+                "{}: origin {} is not the sender or a node of its subtree",
+                at(),
+                s.origin
+            ));
         }
         if s.hlc.physical_ms > limit {
             return Err(format!("{}: {}", at(), future_msg(s.hlc, now_ms, policy)));

@@ -8,9 +8,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use proptest::prelude::*;
+use tiersync_protocol::Item;
 use tiersync_protocol::codec::{self, HARD_MAX_BYTES, VERSION};
 use tiersync_protocol::frame::Frame;
-use tiersync_protocol::Item;
 
 struct Counting;
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
@@ -46,7 +46,9 @@ fn decode_all(bytes: &[u8]) {
 /// varint length prefixes announcing up to 2^64 elements.
 fn adversarial() -> impl Strategy<Value = Vec<u8>> {
     (0u8..8, proptest::collection::vec(any::<u8>(), 0..24)).prop_map(|(variant, tail)| {
-        let mut v = vec![VERSION, variant, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        let mut v = vec![
+            VERSION, variant, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ];
         v.extend(tail);
         v
     })
@@ -70,7 +72,9 @@ proptest! {
 
 #[test]
 fn terabyte_claims_are_errors() {
-    let evil = [VERSION, 3, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+    let evil = [
+        VERSION, 3, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+    ];
     assert!(codec::decode_stored::<Frame>(&evil).is_err());
     assert!(LARGEST.load(Ordering::Relaxed) <= HARD_MAX_BYTES);
 }

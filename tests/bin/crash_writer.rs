@@ -54,22 +54,52 @@ async fn task(writer: Writer, run: u64, t: u64) -> Result<()> {
             0 => {
                 let key = format!("r{run}-t{t}-{i}");
                 let doc = [("v".to_string(), Value::Int(n))].into();
-                ("put", Mutation::Put { category: "customer".into(), key, doc })
+                (
+                    "put",
+                    Mutation::Put {
+                        category: "customer".into(),
+                        key,
+                        doc,
+                    },
+                )
             }
             1 => {
                 let key = format!("r{run}-t{t}-{i}");
-                let fields = [("customer_id".to_string(), Value::Str(format!("c{t}"))), ("amount".to_string(), Value::Int(n))].into();
-                ("append", Mutation::Append { category: "billing".into(), key, fields })
+                let fields = [
+                    ("customer_id".to_string(), Value::Str(format!("c{t}"))),
+                    ("amount".to_string(), Value::Int(n)),
+                ]
+                .into();
+                (
+                    "append",
+                    Mutation::Append {
+                        category: "billing".into(),
+                        key,
+                        fields,
+                    },
+                )
             }
             _ => {
                 let key = format!("p-r{run}-t{t}-{i}");
                 let fields = [("p".to_string(), Some(Value::Int(n)))].into();
-                ("patch", Mutation::Patch { category: "customer".into(), key, fields })
+                (
+                    "patch",
+                    Mutation::Patch {
+                        category: "customer".into(),
+                        key,
+                        fields,
+                    },
+                )
             }
         };
-        let (category, key) = { let (c, k) = m.target(); (c.to_string(), k.to_string()) };
+        let (category, key) = {
+            let (c, k) = m.target();
+            (c.to_string(), k.to_string())
+        };
         let applied = writer.apply_one(m).await?;
-        let seq = applied.seq.context("a fresh key always changes the store")?;
+        let seq = applied
+            .seq
+            .context("a fresh key always changes the store")?;
         let mut out = std::io::stdout().lock();
         writeln!(
             out,

@@ -2,11 +2,15 @@
 //! shipped policy, and waiting on a condition with a deadline (never a fixed
 //! sleep).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is the failure report
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tiersync_protocol::Policy;
+
+pub mod cluster;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {

@@ -24,6 +24,23 @@ pub const META_NODE_ID: &[u8] = b"node_id";
 pub const META_HLC: &[u8] = b"hlc";
 /// The last changelog sequence number assigned.
 pub const META_SEQ: &[u8] = b"seq";
+/// The random id of this data directory.
+pub const META_INCARNATION: &[u8] = b"incarnation";
+
+/// Prefix of per-child cursors in the `cursors` column family.
+pub const CURSOR_PREFIX: &[u8] = b"c/";
+/// Prefix of per-origin watermarks in the `cursors` column family.
+pub const WATERMARK_PREFIX: &[u8] = b"w/";
+
+/// The key of a child's cursor.
+pub fn cursor_key(child: &tiersync_protocol::NodeId) -> Vec<u8> {
+    [CURSOR_PREFIX, child.as_str().as_bytes()].concat()
+}
+
+/// The key of an origin's watermark.
+pub fn watermark_key(origin: &tiersync_protocol::NodeId) -> Vec<u8> {
+    [WATERMARK_PREFIX, origin.as_str().as_bytes()].concat()
+}
 
 /// The data key of an item.
 pub fn data_key(category: &str, key: &str) -> Vec<u8> {

@@ -13,10 +13,19 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch,
+    WriteOptions,
+};
 use serde::{Deserialize, Serialize};
 use tiersync_protocol::codec::{self, CodecError};
-use tiersync_protocol::{Hlc, HlcClock, Item, Kind, LogEntry, NodeId, Policy, PolicyError, Record, Stamp, Value};
+use tiersync_protocol::frame::{Watermark, WireItem};
+use tiersync_protocol::policy::Replicate;
+use tiersync_protocol::sync::{ItemKey, LoadedBatch};
+use tiersync_protocol::{
+    Hlc, HlcClock, Item, Kind, LogEntry, NodeId, Policy, PolicyError, Record, Stamp, Value,
+};
+use tokio::sync::watch;
 
 use crate::config::Durability;
 use keys::*;
@@ -178,15 +187,73 @@ pub struct Applied {
     pub stamp: Stamp,
 }
 
-/// One changelog entry: which item changed.
+/// What a changelog entry records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// An item changed (by a local write or a merge from a child).
+    Item {
+        /// Category of the changed item.
+        category: String,
+        /// Key of the changed item.
+        key: String,
+    },
+    /// A node of the subtree became complete up to a point; relayed upward
+    /// with the data so every tier knows how complete it is.
+    Watermark(Watermark),
+}
+
+/// One changelog entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeEntry {
-    /// Category of the changed item.
-    pub category: String,
-    /// Key of the changed item.
-    pub key: String,
-    /// The HLC of the change (for lag in seconds).
+    /// What changed.
+    pub change: Change,
+    /// The node's HLC when it changed (for lag in seconds).
     pub hlc: Hlc,
+}
+
+impl ChangeEntry {
+    /// The item this entry names, if it names one.
+    pub fn item(&self) -> Option<(&str, &str)> {
+        match &self.change {
+            Change::Item { category, key } => Some((category, key)),
+            Change::Watermark(_) => None,
+        }
+    }
+}
+
+/// A batch of items merged from a child, with the cursor and watermarks that
+/// commit in the same WriteBatch.
+#[derive(Debug, Clone)]
+pub struct RemoteMerge {
+    /// The child the items came from.
+    pub child: NodeId,
+    /// The incarnation of the child's data directory.
+    pub incarnation: u64,
+    /// The validated items.
+    pub items: Vec<WireItem>,
+    /// The child's new cursor and the HLC of that change, if any.
+    pub cursor: Option<(u64, Hlc)>,
+    /// Watermarks relayed from the child's subtree.
+    pub watermarks: Vec<Watermark>,
+}
+
+/// What a remote merge did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MergeStats {
+    /// Items received.
+    pub received: usize,
+    /// Items whose state changed.
+    pub changed: usize,
+    /// Conflicts resolved (log keys with two contents, reused stamps).
+    pub conflicts: usize,
+}
+
+/// A durable per-child cursor: the child's incarnation and the last of its
+/// sequence numbers merged here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Cursor {
+    incarnation: u64,
+    seq: u64,
 }
 
 /// A page of a prefix scan.
@@ -208,12 +275,17 @@ pub struct Store {
     db: DB,
     policy: Arc<Policy>,
     durability: Durability,
+    incarnation: u64,
     writer: Mutex<WriterState>,
+    /// The last committed sequence number and its HLC, for the uplink.
+    committed: watch::Sender<(u64, Hlc)>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.db.path()).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("path", &self.db.path())
+            .finish_non_exhaustive()
     }
 }
 
@@ -230,15 +302,24 @@ impl Store {
     ///
     /// Refuses a directory written by another node id. The HLC resumes above
     /// the highest value persisted, so it never goes backwards across restarts.
-    pub fn open(dir: &Path, node: NodeId, policy: Arc<Policy>, durability: Durability) -> Result<Self, StoreError> {
+    pub fn open(
+        dir: &Path,
+        node: NodeId,
+        policy: Arc<Policy>,
+        durability: Durability,
+    ) -> Result<Self, StoreError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        let cfs = ALL_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let cfs = ALL_CFS
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
 
-        let meta = db.cf_handle(CF_META).ok_or(StoreError::MissingCf(CF_META))?;
+        let meta = db
+            .cf_handle(CF_META)
+            .ok_or(StoreError::MissingCf(CF_META))?;
         match db.get_cf(meta, META_NODE_ID)? {
             Some(found) if found != node.as_str().as_bytes() => {
                 return Err(StoreError::WrongNode {
@@ -263,15 +344,46 @@ impl Store {
             Some(b) => decode::<u64>(CF_META, &b)?,
             None => 0,
         };
-        Ok(Self {
+        let incarnation = match db.get_cf(meta, META_INCARNATION)? {
+            Some(b) => decode::<u64>(CF_META, &b)?,
+            None => {
+                // A new data directory: parents keep their cursors per
+                // incarnation, so a wiped node is never mistaken for the old.
+                let inc: u64 = rand::random();
+                db.put_cf_opt(meta, META_INCARNATION, encode(CF_META, &inc)?, &sync_opts())?;
+                inc
+            }
+        };
+        let store = Self {
             db,
             policy,
             durability,
+            incarnation,
             writer: Mutex::new(WriterState {
                 clock: HlcClock::resume(node, hlc),
                 last_seq,
             }),
-        })
+            committed: watch::channel((0, Hlc::ZERO)).0,
+        };
+        let last_hlc = store.hlc_of(last_seq)?.unwrap_or(hlc);
+        store.committed.send_replace((last_seq, last_hlc));
+        Ok(store)
+    }
+
+    /// The random id of this data directory, fixed at creation.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Watches the last committed sequence number (and its HLC).
+    pub fn subscribe(&self) -> watch::Receiver<(u64, Hlc)> {
+        self.committed.subscribe()
+    }
+
+    fn sync_if_durable(&self) -> WriteOptions {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.durability == Durability::Fsync);
+        wo
     }
 
     /// The policy in force.
@@ -304,11 +416,19 @@ impl Store {
     /// `Durability::Fsync` the WAL is synced once for the whole group before
     /// this returns, so an `Ok` result is durable. If that sync fails, every
     /// result of the group becomes an error: nothing is acknowledged.
-    pub fn apply(&self, mutations: Vec<Mutation>, now_ms: u64) -> Result<Vec<Result<Applied, WriteError>>, StoreError> {
+    pub fn apply(
+        &self,
+        mutations: Vec<Mutation>,
+        now_ms: u64,
+    ) -> Result<Vec<Result<Applied, WriteError>>, StoreError> {
         let mut state = self.lock()?;
-        let mut results: Vec<Result<Applied, WriteError>> =
-            mutations.into_iter().map(|m| self.apply_one(&mut state, m, now_ms)).collect();
-        let wrote = results.iter().any(|r| matches!(r, Ok(Applied { seq: Some(_), .. })));
+        let mut results: Vec<Result<Applied, WriteError>> = mutations
+            .into_iter()
+            .map(|m| self.apply_one(&mut state, m, now_ms))
+            .collect();
+        let wrote = results
+            .iter()
+            .any(|r| matches!(r, Ok(Applied { seq: Some(_), .. })));
         if wrote && self.durability == Durability::Fsync {
             if let Err(e) = self.db.flush_wal(true) {
                 let msg = e.to_string();
@@ -318,17 +438,29 @@ impl Store {
                     }
                 }
                 tracing::error!(error = %msg, "WAL sync failed; the group is not acknowledged");
+                return Ok(results);
             }
+        }
+        if wrote {
+            self.committed
+                .send_replace((state.last_seq, state.clock.last()));
         }
         Ok(results)
     }
 
-    fn apply_one(&self, state: &mut WriterState, m: Mutation, now_ms: u64) -> Result<Applied, WriteError> {
+    fn apply_one(
+        &self,
+        state: &mut WriterState,
+        m: Mutation,
+        now_ms: u64,
+    ) -> Result<Applied, WriteError> {
         let (category, key) = m.target();
         let cat = self.policy.category(category)?;
         self.policy.check_key(key)?;
         let kind_ok = match &m {
-            Mutation::Put { .. } | Mutation::Patch { .. } | Mutation::Delete { .. } => cat.kind == Kind::Record,
+            Mutation::Put { .. } | Mutation::Patch { .. } | Mutation::Delete { .. } => {
+                cat.kind == Kind::Record
+            }
             Mutation::Append { .. } => cat.kind == Kind::Log,
         };
         if !kind_ok {
@@ -366,30 +498,49 @@ impl Store {
                 self.policy.check_fields(fields.keys())?;
                 match current {
                     Some(Item::Log(existing)) if existing.fields == fields => {
-                        return Ok(Applied { seq: None, stamp: existing.stamp });
+                        return Ok(Applied {
+                            seq: None,
+                            stamp: existing.stamp,
+                        });
                     }
                     Some(_) => return Err(WriteError::Conflict { category, key }),
-                    None => Item::Log(LogEntry { fields, stamp: stamp.clone() }),
+                    None => Item::Log(LogEntry {
+                        fields,
+                        stamp: stamp.clone(),
+                    }),
                 }
             }
         };
         let value = encode(CF_DATA, &item)?;
         let max = self.policy.limits.max_item_bytes;
         if value.len() > max {
-            return Err(WriteError::TooLarge { size: value.len(), max });
+            return Err(WriteError::TooLarge {
+                size: value.len(),
+                max,
+            });
         }
         let seq = state.last_seq + 1;
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_DATA)?, data_key(&category, &key), value);
-        let entry = ChangeEntry { category, key, hlc: stamp.hlc };
-        batch.put_cf(self.cf(CF_CHANGELOG)?, seq_key(seq), encode(CF_CHANGELOG, &entry)?);
+        let entry = ChangeEntry {
+            change: Change::Item { category, key },
+            hlc: stamp.hlc,
+        };
+        batch.put_cf(
+            self.cf(CF_CHANGELOG)?,
+            seq_key(seq),
+            encode(CF_CHANGELOG, &entry)?,
+        );
         batch.put_cf(self.cf(CF_META)?, META_SEQ, encode(CF_META, &seq)?);
         batch.put_cf(self.cf(CF_META)?, META_HLC, encode(CF_META, &clock.last())?);
         // Not synced here: `apply` syncs the WAL once for the whole group.
         self.db.write_opt(batch, &WriteOptions::default())?;
         state.clock = clock;
         state.last_seq = seq;
-        Ok(Applied { seq: Some(seq), stamp })
+        Ok(Applied {
+            seq: Some(seq),
+            stamp,
+        })
     }
 
     /// Reads one item (deleted records included, as tombstones).
@@ -422,12 +573,17 @@ impl Store {
         let bound = data_prefix(category, prefix);
         let mut items = Vec::new();
         let mut next = None;
-        for kv in self.db.iterator_cf(self.cf(CF_DATA)?, IteratorMode::From(&start, Direction::Forward)) {
+        for kv in self.db.iterator_cf(
+            self.cf(CF_DATA)?,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
             let (k, v) = kv?;
             if !k.starts_with(&bound) {
                 break;
             }
-            let Some((_, key)) = split_data_key(&k) else { continue };
+            let Some((_, key)) = split_data_key(&k) else {
+                continue;
+            };
             let item: Item = decode(CF_DATA, &v)?;
             if !include_deleted && item.is_deleted() {
                 continue;
@@ -442,10 +598,17 @@ impl Store {
     }
 
     /// Changelog entries with sequence number above `after`, at most `limit`.
-    pub fn changes_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, ChangeEntry)>, StoreError> {
+    pub fn changes_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, ChangeEntry)>, StoreError> {
         let start = seq_key(after.saturating_add(1));
         let mut out = Vec::new();
-        for kv in self.db.iterator_cf(self.cf(CF_CHANGELOG)?, IteratorMode::From(&start, Direction::Forward)) {
+        for kv in self.db.iterator_cf(
+            self.cf(CF_CHANGELOG)?,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
             if out.len() == limit {
                 break;
             }
@@ -454,6 +617,307 @@ impl Store {
             out.push((seq, decode(CF_CHANGELOG, &v)?));
         }
         Ok(out)
+    }
+
+    /// The HLC of changelog entry `seq`, if it is still retained.
+    pub fn hlc_of(&self, seq: u64) -> Result<Option<Hlc>, StoreError> {
+        if seq == 0 {
+            return Ok(None);
+        }
+        self.db
+            .get_pinned_cf(self.cf(CF_CHANGELOG)?, seq_key(seq))?
+            .map(|b| decode::<ChangeEntry>(CF_CHANGELOG, &b).map(|e| e.hlc))
+            .transpose()
+    }
+
+    /// The lowest sequence number the changelog still holds (`last_seq + 1`
+    /// when it is empty).
+    pub fn retained_from(&self) -> Result<u64, StoreError> {
+        let first = self
+            .db
+            .iterator_cf(self.cf(CF_CHANGELOG)?, IteratorMode::Start)
+            .next()
+            .transpose()?;
+        match first.and_then(|(k, _)| parse_seq(&k)) {
+            Some(seq) => Ok(seq),
+            None => Ok(self.last_seq()? + 1),
+        }
+    }
+
+    /// Removes changelog entries at or below `upto` (the parent acknowledged
+    /// them). Never trims past the last sequence number.
+    pub fn trim_changelog(&self, upto: u64) -> Result<(), StoreError> {
+        let upto = upto.min(self.last_seq()?);
+        let from = self.retained_from()?;
+        if upto < from {
+            return Ok(());
+        }
+        let mut b = WriteBatch::default();
+        b.delete_range_cf(self.cf(CF_CHANGELOG)?, seq_key(from), seq_key(upto + 1));
+        self.db.write_opt(b, &WriteOptions::default())?;
+        Ok(())
+    }
+
+    /// Loads the next replication batch after `after`: changelog entries in
+    /// order, coalesced by key, `up` categories only (private items never
+    /// leave), with the current state of each item, bounded by the policy's
+    /// batch and frame limits.
+    pub fn load_batch(&self, after: u64) -> Result<LoadedBatch, StoreError> {
+        let limits = &self.policy.limits;
+        let byte_budget = limits.max_frame_bytes / 2;
+        let mut keys: Vec<ItemKey> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut marks: BTreeMap<NodeId, Watermark> = BTreeMap::new();
+        let mut items = Vec::new();
+        let mut bytes = 0usize;
+        let mut last = (after, Hlc::ZERO);
+        let start = seq_key(after.saturating_add(1));
+        for kv in self.db.iterator_cf(
+            self.cf(CF_CHANGELOG)?,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (k, v) = kv?;
+            let Some(seq) = parse_seq(&k) else { continue };
+            let entry: ChangeEntry = decode(CF_CHANGELOG, &v)?;
+            match entry.change {
+                Change::Item { category, key } => {
+                    let up = self
+                        .policy
+                        .categories
+                        .get(&category)
+                        .is_some_and(|c| c.replicate == Replicate::Up);
+                    if up && !seen.contains(&(category.clone(), key.clone())) {
+                        if items.len() >= limits.max_batch_items {
+                            break;
+                        }
+                        if let Some(item) = self.get(&category, &key)? {
+                            let size =
+                                encode(CF_DATA, &item)?.len() + category.len() + key.len() + 16;
+                            if bytes + size > byte_budget && !items.is_empty() {
+                                break;
+                            }
+                            bytes += size;
+                            seen.insert((category.clone(), key.clone()));
+                            keys.push((category.clone(), key.clone()));
+                            items.push(WireItem {
+                                category,
+                                key,
+                                item,
+                            });
+                        }
+                    }
+                }
+                Change::Watermark(w) => {
+                    marks.insert(w.origin.clone(), w);
+                }
+            }
+            last = (seq, entry.hlc);
+        }
+        Ok(LoadedBatch {
+            last_seq: last.0,
+            upto_hlc: last.1,
+            items,
+            watermarks: marks.into_values().collect(),
+        })
+    }
+
+    /// Loads the next chunk of `up` items after `after` (from the start when
+    /// `None`), for snapshot catch-up. Returns the items and the key to
+    /// continue after, `None` when done.
+    pub fn snapshot_chunk(
+        &self,
+        after: Option<&ItemKey>,
+    ) -> Result<(Vec<WireItem>, Option<ItemKey>), StoreError> {
+        let limits = &self.policy.limits;
+        let byte_budget = limits.max_frame_bytes / 2;
+        let start = match after {
+            Some((c, k)) => {
+                let mut key = data_key(c, k);
+                key.push(0);
+                key
+            }
+            None => Vec::new(),
+        };
+        let mut items: Vec<WireItem> = Vec::new();
+        let mut bytes = 0usize;
+        for kv in self.db.iterator_cf(
+            self.cf(CF_DATA)?,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (k, v) = kv?;
+            let Some((category, key)) = split_data_key(&k) else {
+                continue;
+            };
+            let up = self
+                .policy
+                .categories
+                .get(category)
+                .is_some_and(|c| c.replicate == Replicate::Up);
+            if !up {
+                continue;
+            }
+            if items.len() >= limits.max_batch_items
+                || (bytes + v.len() > byte_budget && !items.is_empty())
+            {
+                let next = items.last().map(|w| (w.category.clone(), w.key.clone()));
+                return Ok((items, next));
+            }
+            bytes += v.len();
+            items.push(WireItem {
+                category: category.to_string(),
+                key: key.to_string(),
+                item: decode(CF_DATA, &v)?,
+            });
+        }
+        Ok((items, None))
+    }
+
+    /// The durable cursor of `child` for `incarnation` (0 when unknown or
+    /// when the child's data directory changed).
+    pub fn cursor(&self, child: &NodeId, incarnation: u64) -> Result<u64, StoreError> {
+        let key = cursor_key(child);
+        let cur = self
+            .db
+            .get_pinned_cf(self.cf(CF_CURSORS)?, key)?
+            .map(|b| decode::<Cursor>(CF_CURSORS, &b))
+            .transpose()?;
+        Ok(cur
+            .filter(|c| c.incarnation == incarnation)
+            .map_or(0, |c| c.seq))
+    }
+
+    /// Every completeness watermark this node holds, by origin.
+    pub fn watermarks(&self) -> Result<Vec<Watermark>, StoreError> {
+        let mut out = Vec::new();
+        let prefix = WATERMARK_PREFIX;
+        for kv in self.db.iterator_cf(
+            self.cf(CF_CURSORS)?,
+            IteratorMode::From(prefix, Direction::Forward),
+        ) {
+            let (k, v) = kv?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push(decode(CF_CURSORS, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Merges a batch from a child: every changed item with its changelog
+    /// entry, the child's cursor and the watermarks, in one WriteBatch,
+    /// synced before this returns (with `Durability::Fsync`). Only then may
+    /// the parent acknowledge the batch.
+    pub fn merge_remote(&self, m: RemoteMerge) -> Result<MergeStats, StoreError> {
+        let mut state = self.lock()?;
+        let mut clock = state.clock.clone();
+        let mut seq = state.last_seq;
+        let mut batch = WriteBatch::default();
+        let mut stats = MergeStats {
+            received: m.items.len(),
+            ..MergeStats::default()
+        };
+        // Later items of one batch see earlier ones (a hostile child may repeat a key).
+        let mut pending: BTreeMap<(String, String), Item> = BTreeMap::new();
+        for w in m.items {
+            for s in w.item.stamps() {
+                clock.observe(s.hlc);
+            }
+            let k = (w.category, w.key);
+            let current = match pending.remove(&k) {
+                Some(item) => Some(item),
+                None => self.get(&k.0, &k.1)?,
+            };
+            let (merged, out) = match current {
+                Some(mut mine) => {
+                    let out = mine.merge(&w.item);
+                    (mine, out)
+                }
+                None => (
+                    w.item,
+                    tiersync_protocol::MergeOutcome {
+                        changed: true,
+                        conflict: false,
+                    },
+                ),
+            };
+            if out.conflict {
+                stats.conflicts += 1;
+                tracing::warn!(category = %k.0, key = %k.1, child = %m.child, "conflict resolved by stamp");
+            }
+            if out.changed {
+                stats.changed += 1;
+                seq += 1;
+                batch.put_cf(
+                    self.cf(CF_DATA)?,
+                    data_key(&k.0, &k.1),
+                    encode(CF_DATA, &merged)?,
+                );
+                let entry = ChangeEntry {
+                    change: Change::Item {
+                        category: k.0.clone(),
+                        key: k.1.clone(),
+                    },
+                    hlc: clock.last(),
+                };
+                batch.put_cf(
+                    self.cf(CF_CHANGELOG)?,
+                    seq_key(seq),
+                    encode(CF_CHANGELOG, &entry)?,
+                );
+            }
+            pending.insert(k, merged);
+        }
+        let mut marks = m.watermarks;
+        if let Some((cseq, chlc)) = m.cursor {
+            let old = self.cursor(&m.child, m.incarnation)?;
+            let new = Cursor {
+                incarnation: m.incarnation,
+                seq: old.max(cseq),
+            };
+            batch.put_cf(
+                self.cf(CF_CURSORS)?,
+                cursor_key(&m.child),
+                encode(CF_CURSORS, &new)?,
+            );
+            marks.push(Watermark {
+                origin: m.child.clone(),
+                incarnation: m.incarnation,
+                seq: cseq,
+                hlc: chlc,
+            });
+        }
+        for w in marks {
+            let key = watermark_key(&w.origin);
+            let cur: Option<Watermark> = self
+                .db
+                .get_pinned_cf(self.cf(CF_CURSORS)?, &key)?
+                .map(|b| decode(CF_CURSORS, &b))
+                .transpose()?;
+            let newer = cur.is_none_or(|c| c.incarnation != w.incarnation || w.seq > c.seq);
+            if newer {
+                batch.put_cf(self.cf(CF_CURSORS)?, &key, encode(CF_CURSORS, &w)?);
+                seq += 1;
+                let entry = ChangeEntry {
+                    change: Change::Watermark(w),
+                    hlc: clock.last(),
+                };
+                batch.put_cf(
+                    self.cf(CF_CHANGELOG)?,
+                    seq_key(seq),
+                    encode(CF_CHANGELOG, &entry)?,
+                );
+            }
+        }
+        batch.put_cf(self.cf(CF_META)?, META_SEQ, encode(CF_META, &seq)?);
+        batch.put_cf(self.cf(CF_META)?, META_HLC, encode(CF_META, &clock.last())?);
+        self.db.write_opt(batch, &self.sync_if_durable())?;
+        let changed_log = seq != state.last_seq;
+        state.clock = clock;
+        state.last_seq = seq;
+        if changed_log {
+            self.committed.send_replace((seq, state.clock.last()));
+        }
+        Ok(stats)
     }
 
     /// Calls `f` for every stored item (tombstones included), in key order.

@@ -20,7 +20,10 @@ pub(crate) fn policy() -> Arc<Policy> {
     let mut categories = BTreeMap::new();
     categories.insert("customer".to_string(), cat(Kind::Record, Replicate::Up));
     categories.insert("billing".to_string(), cat(Kind::Log, Replicate::Up));
-    categories.insert("opportunity".to_string(), cat(Kind::Record, Replicate::Local));
+    categories.insert(
+        "opportunity".to_string(),
+        cat(Kind::Record, Replicate::Local),
+    );
     Arc::new(Policy {
         limits: Limits::default(),
         categories,
@@ -29,15 +32,28 @@ pub(crate) fn policy() -> Arc<Policy> {
 }
 
 fn open(dir: &Path) -> Store {
-    Store::open(dir, NodeId::new("city-a").unwrap(), policy(), Durability::Fsync).unwrap()
+    Store::open(
+        dir,
+        NodeId::new("city-a").unwrap(),
+        policy(),
+        Durability::Fsync,
+    )
+    .unwrap()
 }
 
 fn doc(pairs: &[(&str, i64)]) -> BTreeMap<String, Value> {
-    pairs.iter().map(|(k, v)| (k.to_string(), Value::Int(*v))).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), Value::Int(*v)))
+        .collect()
 }
 
 fn put(key: &str, d: BTreeMap<String, Value>) -> Mutation {
-    Mutation::Put { category: "customer".into(), key: key.into(), doc: d }
+    Mutation::Put {
+        category: "customer".into(),
+        key: key.into(),
+        doc: d,
+    }
 }
 
 fn one(store: &Store, m: Mutation, now: u64) -> Result<Applied, WriteError> {
@@ -47,7 +63,12 @@ fn one(store: &Store, m: Mutation, now: u64) -> Result<Applied, WriteError> {
 fn visible(store: &Store, cat: &str, key: &str) -> Option<BTreeMap<String, Value>> {
     match store.get(cat, key).unwrap()? {
         Item::Record(r) if r.is_deleted() => None,
-        Item::Record(r) => Some(r.document().into_iter().map(|(k, v)| (k.to_string(), v.clone())).collect()),
+        Item::Record(r) => Some(
+            r.document()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        ),
         Item::Log(l) => Some(l.fields),
     }
 }
@@ -56,21 +77,59 @@ fn visible(store: &Store, cat: &str, key: &str) -> Option<BTreeMap<String, Value
 fn put_patch_delete_and_changelog() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    assert_eq!(one(&s, put("c1", doc(&[("a", 1), ("b", 2)])), 10).unwrap().seq, Some(1));
+    assert_eq!(
+        one(&s, put("c1", doc(&[("a", 1), ("b", 2)])), 10)
+            .unwrap()
+            .seq,
+        Some(1)
+    );
     let mut p = BTreeMap::new();
     p.insert("b".to_string(), None);
     p.insert("c".to_string(), Some(Value::Int(3)));
-    one(&s, Mutation::Patch { category: "customer".into(), key: "c1".into(), fields: p }, 11).unwrap();
-    assert_eq!(visible(&s, "customer", "c1"), Some(doc(&[("a", 1), ("c", 3)])));
-    one(&s, Mutation::Delete { category: "customer".into(), key: "c1".into() }, 12).unwrap();
+    one(
+        &s,
+        Mutation::Patch {
+            category: "customer".into(),
+            key: "c1".into(),
+            fields: p,
+        },
+        11,
+    )
+    .unwrap();
+    assert_eq!(
+        visible(&s, "customer", "c1"),
+        Some(doc(&[("a", 1), ("c", 3)]))
+    );
+    one(
+        &s,
+        Mutation::Delete {
+            category: "customer".into(),
+            key: "c1".into(),
+        },
+        12,
+    )
+    .unwrap();
     assert_eq!(visible(&s, "customer", "c1"), None);
     assert!(matches!(
-        one(&s, Mutation::Delete { category: "customer".into(), key: "c1".into() }, 13),
+        one(
+            &s,
+            Mutation::Delete {
+                category: "customer".into(),
+                key: "c1".into()
+            },
+            13
+        ),
         Err(WriteError::NotFound { .. })
     ));
     let log = s.changes_after(0, 100).unwrap();
-    assert_eq!(log.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![1, 2, 3]);
-    assert!(log.iter().all(|(_, e)| e.key == "c1" && e.category == "customer"));
+    assert_eq!(
+        log.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(
+        log.iter()
+            .all(|(_, e)| e.item() == Some(("customer", "c1")))
+    );
     assert_eq!(s.changes_after(2, 100).unwrap().len(), 1);
 }
 
@@ -78,12 +137,19 @@ fn put_patch_delete_and_changelog() {
 fn append_is_idempotent_and_conflicts_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    let append = |amount| Mutation::Append { category: "billing".into(), key: "b1".into(), fields: doc(&[("amount", amount)]) };
+    let append = |amount| Mutation::Append {
+        category: "billing".into(),
+        key: "b1".into(),
+        fields: doc(&[("amount", amount)]),
+    };
     let first = one(&s, append(5), 10).unwrap();
     let again = one(&s, append(5), 11).unwrap();
     assert_eq!(again.seq, None);
     assert_eq!(again.stamp, first.stamp);
-    assert!(matches!(one(&s, append(6), 12), Err(WriteError::Conflict { .. })));
+    assert!(matches!(
+        one(&s, append(6), 12),
+        Err(WriteError::Conflict { .. })
+    ));
     assert_eq!(s.last_seq().unwrap(), 1);
 }
 
@@ -95,21 +161,45 @@ fn refused_mutations_write_nothing_and_do_not_disturb_the_group() {
         .apply(
             vec![
                 put("ok1", doc(&[("a", 1)])),
-                Mutation::Put { category: "nope".into(), key: "k".into(), doc: doc(&[]) },
+                Mutation::Put {
+                    category: "nope".into(),
+                    key: "k".into(),
+                    doc: doc(&[]),
+                },
                 put("", doc(&[])),
                 put("bad\u{7}key", doc(&[])),
-                Mutation::Append { category: "customer".into(), key: "k".into(), fields: doc(&[]) },
-                Mutation::Put { category: "billing".into(), key: "k".into(), doc: doc(&[]) },
-                put("big", [("x".to_string(), Value::Str("y".repeat(100_000)))].into()),
+                Mutation::Append {
+                    category: "customer".into(),
+                    key: "k".into(),
+                    fields: doc(&[]),
+                },
+                Mutation::Put {
+                    category: "billing".into(),
+                    key: "k".into(),
+                    doc: doc(&[]),
+                },
+                put(
+                    "big",
+                    [("x".to_string(), Value::Str("y".repeat(100_000)))].into(),
+                ),
                 put("ok2", doc(&[("a", 2)])),
             ],
             10,
         )
         .unwrap();
     assert!(results[0].is_ok() && results[7].is_ok());
-    assert!(matches!(results[1], Err(WriteError::Policy(PolicyError::UnknownCategory(_)))));
-    assert!(matches!(results[2], Err(WriteError::Policy(PolicyError::BadKey(_)))));
-    assert!(matches!(results[3], Err(WriteError::Policy(PolicyError::BadKey(_)))));
+    assert!(matches!(
+        results[1],
+        Err(WriteError::Policy(PolicyError::UnknownCategory(_)))
+    ));
+    assert!(matches!(
+        results[2],
+        Err(WriteError::Policy(PolicyError::BadKey(_)))
+    ));
+    assert!(matches!(
+        results[3],
+        Err(WriteError::Policy(PolicyError::BadKey(_)))
+    ));
     assert!(matches!(results[4], Err(WriteError::WrongKind { .. })));
     assert!(matches!(results[5], Err(WriteError::WrongKind { .. })));
     assert!(matches!(results[6], Err(WriteError::TooLarge { .. })));
@@ -128,7 +218,9 @@ fn hlc_survives_reopen_and_wall_clock_steps_back() {
     let s = open(dir.path());
     assert_eq!(s.clock_last().unwrap(), first.hlc);
     // The wall clock went back an hour while the node was down.
-    let second = one(&s, put("b", doc(&[])), 10_000_000 - 3_600_000).unwrap().stamp;
+    let second = one(&s, put("b", doc(&[])), 10_000_000 - 3_600_000)
+        .unwrap()
+        .stamp;
     assert!(second > first);
     assert_eq!(s.last_seq().unwrap(), 2);
 }
@@ -137,7 +229,13 @@ fn hlc_survives_reopen_and_wall_clock_steps_back() {
 fn a_data_dir_of_another_node_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     drop(open(dir.path()));
-    let err = Store::open(dir.path(), NodeId::new("city-b").unwrap(), policy(), Durability::Fsync).unwrap_err();
+    let err = Store::open(
+        dir.path(),
+        NodeId::new("city-b").unwrap(),
+        policy(),
+        Durability::Fsync,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("city-a"), "{err}");
 }
 
@@ -148,14 +246,41 @@ fn scan_pages_through_a_prefix_and_skips_tombstones() {
     for k in ["a/1", "a/2", "a/3", "a/4", "b/1", "a"] {
         one(&s, put(k, doc(&[])), 10).unwrap();
     }
-    one(&s, Mutation::Delete { category: "customer".into(), key: "a/3".into() }, 11).unwrap();
+    one(
+        &s,
+        Mutation::Delete {
+            category: "customer".into(),
+            key: "a/3".into(),
+        },
+        11,
+    )
+    .unwrap();
     let p1 = s.scan("customer", "a/", None, 2, false).unwrap();
-    assert_eq!(p1.items.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["a/1", "a/2"]);
-    let p2 = s.scan("customer", "a/", p1.next.as_deref(), 2, false).unwrap();
-    assert_eq!(p2.items.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["a/4"]);
+    assert_eq!(
+        p1.items.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        ["a/1", "a/2"]
+    );
+    let p2 = s
+        .scan("customer", "a/", p1.next.as_deref(), 2, false)
+        .unwrap();
+    assert_eq!(
+        p2.items.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        ["a/4"]
+    );
     assert_eq!(p2.next, None);
-    assert_eq!(s.scan("customer", "a/", None, 10, true).unwrap().items.len(), 4);
-    assert!(s.scan("billing", "", None, 10, false).unwrap().items.is_empty());
+    assert_eq!(
+        s.scan("customer", "a/", None, 10, true)
+            .unwrap()
+            .items
+            .len(),
+        4
+    );
+    assert!(
+        s.scan("billing", "", None, 10, false)
+            .unwrap()
+            .items
+            .is_empty()
+    );
 }
 
 #[derive(Debug, Clone)]

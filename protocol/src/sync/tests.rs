@@ -33,13 +33,24 @@ impl Rng {
 }
 
 fn policy() -> Policy {
-    let cat = |kind, replicate| Category { kind, replicate, customer_link: None, description: String::new() };
+    let cat = |kind, replicate| Category {
+        kind,
+        replicate,
+        customer_link: None,
+        description: String::new(),
+    };
     Policy {
-        limits: Limits { max_batch_items: 8, ..Limits::default() },
+        limits: Limits {
+            max_batch_items: 8,
+            ..Limits::default()
+        },
         categories: BTreeMap::from([
             ("customer".to_string(), cat(Kind::Record, Replicate::Up)),
             ("billing".to_string(), cat(Kind::Log, Replicate::Up)),
-            ("opportunity".to_string(), cat(Kind::Record, Replicate::Local)),
+            (
+                "opportunity".to_string(),
+                cat(Kind::Record, Replicate::Local),
+            ),
         ]),
         aggregates: BTreeMap::new(),
     }
@@ -73,7 +84,10 @@ impl Node {
         self.changelog.insert(self.last_seq, (change, hlc));
     }
     fn last_hlc(&self) -> Hlc {
-        self.changelog.values().next_back().map_or(Hlc::ZERO, |(_, h)| *h)
+        self.changelog
+            .values()
+            .next_back()
+            .map_or(Hlc::ZERO, |(_, h)| *h)
     }
 }
 
@@ -143,11 +157,27 @@ impl Sim {
         for i in 0..nodes.len() {
             if let Some(p) = nodes[i].parent {
                 nodes[p].children.push(i);
-                links.push(Link { child: i, parent: p, up: VecDeque::new(), down: VecDeque::new(), downlink: None, connected: false });
+                links.push(Link {
+                    child: i,
+                    parent: p,
+                    up: VecDeque::new(),
+                    down: VecDeque::new(),
+                    downlink: None,
+                    connected: false,
+                });
             }
         }
         let generation = vec![0; nodes.len()];
-        let mut sim = Sim { rng: Rng(seed.max(1)), now: 1_000_000, policy, digest, nodes, links, stale: Vec::new(), generation };
+        let mut sim = Sim {
+            rng: Rng(seed.max(1)),
+            now: 1_000_000,
+            policy,
+            digest,
+            nodes,
+            links,
+            stale: Vec::new(),
+            generation,
+        };
         for i in 0..sim.nodes.len() {
             sim.restart(i);
         }
@@ -155,7 +185,10 @@ impl Sim {
     }
 
     fn gens(&self, l: usize) -> (u64, u64) {
-        (self.generation[self.links[l].child], self.generation[self.links[l].parent])
+        (
+            self.generation[self.links[l].child],
+            self.generation[self.links[l].parent],
+        )
     }
 
     fn restart(&mut self, i: usize) {
@@ -167,7 +200,13 @@ impl Sim {
         }
         let n = &mut self.nodes[i];
         n.uplink = n.parent.map(|_| {
-            let cfg = UplinkConfig { node: n.id.clone(), tier: n.tier, policy_digest: self.digest, incarnation: n.incarnation, window: WINDOW };
+            let cfg = UplinkConfig {
+                node: n.id.clone(),
+                tier: n.tier,
+                policy_digest: self.digest,
+                incarnation: n.incarnation,
+                window: WINDOW,
+            };
             Uplink::new(cfg, n.last_seq, n.last_hlc(), n.retained_from)
         });
     }
@@ -214,10 +253,18 @@ impl Sim {
             node: self.nodes[p].id.clone(),
             tier: self.nodes[p].tier,
             policy_digest: self.digest,
-            children: self.nodes[p].children.iter().map(|&k| self.nodes[k].id.clone()).collect(),
+            children: self.nodes[p]
+                .children
+                .iter()
+                .map(|&k| self.nodes[k].id.clone())
+                .collect(),
         };
         let peer = self.nodes[c].id.clone();
-        let subtree: Vec<NodeId> = self.nodes[c].children.iter().map(|&k| self.nodes[k].id.clone()).collect();
+        let subtree: Vec<NodeId> = self.nodes[c]
+            .children
+            .iter()
+            .map(|&k| self.nodes[k].id.clone())
+            .collect();
         let link = &mut self.links[l];
         link.connected = true;
         link.downlink = Some(Downlink::new(cfg, peer));
@@ -243,28 +290,48 @@ impl Sim {
         let (cat, key, item) = match choice {
             0 | 1 => {
                 let key = ("customer".to_string(), format!("c{key_n}"));
-                let mut r = match n.store.get(&key) { Some(Item::Record(r)) => r.clone(), _ => Record::default() };
+                let mut r = match n.store.get(&key) {
+                    Some(Item::Record(r)) => r.clone(),
+                    _ => Record::default(),
+                };
                 if choice == 0 {
                     r.put(BTreeMap::from([("a".to_string(), v)]), stamp.clone());
                 } else {
-                    r.patch(BTreeMap::from([(format!("f{}", key_n % 3), Some(v))]), stamp.clone());
+                    r.patch(
+                        BTreeMap::from([(format!("f{}", key_n % 3), Some(v))]),
+                        stamp.clone(),
+                    );
                 }
                 (key.0, key.1, Item::Record(r))
             }
             2 => {
                 let key = ("customer".to_string(), format!("c{key_n}"));
-                let mut r = match n.store.get(&key) { Some(Item::Record(r)) => r.clone(), _ => Record::default() };
+                let mut r = match n.store.get(&key) {
+                    Some(Item::Record(r)) => r.clone(),
+                    _ => Record::default(),
+                };
                 r.delete(stamp.clone());
                 (key.0, key.1, Item::Record(r))
             }
             3 => {
                 let key = format!("{}-b{}", n.id, n.last_seq);
-                ("billing".to_string(), key, Item::Log(LogEntry { fields: BTreeMap::from([("amount".to_string(), v)]), stamp: stamp.clone() }))
+                (
+                    "billing".to_string(),
+                    key,
+                    Item::Log(LogEntry {
+                        fields: BTreeMap::from([("amount".to_string(), v)]),
+                        stamp: stamp.clone(),
+                    }),
+                )
             }
             _ => {
                 let mut r = Record::default();
                 r.put(BTreeMap::from([("stage".to_string(), v)]), stamp.clone());
-                ("opportunity".to_string(), format!("o{key_n}"), Item::Record(r))
+                (
+                    "opportunity".to_string(),
+                    format!("o{key_n}"),
+                    Item::Record(r),
+                )
             }
         };
         let k = (cat, key);
@@ -278,9 +345,10 @@ impl Sim {
     }
 
     fn pump_child(&mut self, c: usize) {
-        let Some(l) = self.link_of_child(c) else { return };
-        loop {
-            let Some(ev) = self.nodes[c].uplink.as_mut().and_then(Uplink::poll_event) else { break };
+        let Some(l) = self.link_of_child(c) else {
+            return;
+        };
+        while let Some(ev) = self.nodes[c].uplink.as_mut().and_then(Uplink::poll_event) {
             match ev {
                 UplinkEvent::Send(f) => {
                     if self.links[l].connected {
@@ -289,24 +357,46 @@ impl Sim {
                 }
                 UplinkEvent::LoadBatch { after, epoch } => {
                     let batch = self.load_batch(c, after);
-                    self.nodes[c].uplink.as_mut().unwrap().batch_loaded(epoch, batch);
+                    self.nodes[c]
+                        .uplink
+                        .as_mut()
+                        .unwrap()
+                        .batch_loaded(epoch, batch);
                 }
                 UplinkEvent::LoadSnapshot { after, epoch } => {
                     let n = &self.nodes[c];
                     let mut items = Vec::new();
                     let mut next = None;
-                    for (k, item) in n.store.iter().filter(|(k, _)| after.as_ref().is_none_or(|a| *k > a)) {
+                    for (k, item) in n
+                        .store
+                        .iter()
+                        .filter(|(k, _)| after.as_ref().is_none_or(|a| *k > a))
+                    {
                         if self.policy.categories[&k.0].replicate != Replicate::Up {
                             continue;
                         }
                         if items.len() == 3 {
-                            next = items.last().map(|w: &WireItem| (w.category.clone(), w.key.clone()));
+                            next = items
+                                .last()
+                                .map(|w: &WireItem| (w.category.clone(), w.key.clone()));
                             break;
                         }
-                        items.push(WireItem { category: k.0.clone(), key: k.1.clone(), item: item.clone() });
+                        items.push(WireItem {
+                            category: k.0.clone(),
+                            key: k.1.clone(),
+                            item: item.clone(),
+                        });
                     }
-                    let marks = if after.is_none() { self.current_watermarks(c) } else { Vec::new() };
-                    self.nodes[c].uplink.as_mut().unwrap().snapshot_loaded(epoch, items, next, marks);
+                    let marks = if after.is_none() {
+                        self.current_watermarks(c)
+                    } else {
+                        Vec::new()
+                    };
+                    self.nodes[c]
+                        .uplink
+                        .as_mut()
+                        .unwrap()
+                        .snapshot_loaded(epoch, items, next, marks);
                 }
                 UplinkEvent::Acked { seq } => {
                     if self.rng.chance(50) {
@@ -341,7 +431,8 @@ impl Sim {
             last = (seq, *hlc);
             match change {
                 Change::Item(k) => {
-                    if self.policy.categories[&k.0].replicate == Replicate::Up && !keys.contains(k) {
+                    if self.policy.categories[&k.0].replicate == Replicate::Up && !keys.contains(k)
+                    {
                         keys.push(k.clone());
                     }
                 }
@@ -352,22 +443,44 @@ impl Sim {
         }
         let items = keys
             .into_iter()
-            .map(|k| WireItem { item: n.store[&k].clone(), category: k.0, key: k.1 })
+            .map(|k| WireItem {
+                item: n.store[&k].clone(),
+                category: k.0,
+                key: k.1,
+            })
             .collect();
-        LoadedBatch { last_seq: last.0, upto_hlc: last.1, items, watermarks: wms.into_values().collect() }
+        LoadedBatch {
+            last_seq: last.0,
+            upto_hlc: last.1,
+            items,
+            watermarks: wms.into_values().collect(),
+        }
     }
 
     fn pump_parent(&mut self, l: usize) {
-        loop {
-            let Some(ev) = self.links[l].downlink.as_mut().and_then(Downlink::poll_event) else { break };
+        while let Some(ev) = self.links[l]
+            .downlink
+            .as_mut()
+            .and_then(Downlink::poll_event)
+        {
             let p = self.links[l].parent;
             match ev {
                 DownlinkEvent::Send(f) => self.links[l].down.push_back(f),
-                DownlinkEvent::Accepted { child, incarnation, .. } => {
-                    let cur = self.nodes[p].cursors.get(&(child, incarnation)).copied().unwrap_or(0);
+                DownlinkEvent::Accepted {
+                    child, incarnation, ..
+                } => {
+                    let cur = self.nodes[p]
+                        .cursors
+                        .get(&(child, incarnation))
+                        .copied()
+                        .unwrap_or(0);
                     self.links[l].downlink.as_mut().unwrap().cursor_loaded(cur);
                 }
-                DownlinkEvent::Merge { items, cursor, watermarks } => {
+                DownlinkEvent::Merge {
+                    items,
+                    cursor,
+                    watermarks,
+                } => {
                     let child_id = self.links[l].downlink.as_ref().unwrap().peer().clone();
                     let inc = self.nodes[self.links[l].child].incarnation;
                     let n = &mut self.nodes[p];
@@ -392,7 +505,12 @@ impl Sim {
                     if let Some((seq, hlc)) = cursor {
                         let c = n.cursors.entry((child_id.clone(), inc)).or_insert(0);
                         *c = (*c).max(seq);
-                        marks.push(Watermark { origin: child_id, incarnation: inc, seq, hlc });
+                        marks.push(Watermark {
+                            origin: child_id,
+                            incarnation: inc,
+                            seq,
+                            hlc,
+                        });
                     }
                     for w in marks {
                         let newer = match n.watermarks.get(&w.origin) {
@@ -425,7 +543,9 @@ impl Sim {
 
     fn deliver_up(&mut self, l: usize, f: Frame) {
         let now = self.now;
-        let Some(d) = self.links[l].downlink.as_mut() else { return };
+        let Some(d) = self.links[l].downlink.as_mut() else {
+            return;
+        };
         d.handle_frame(f, now, &self.policy);
         self.pump_parent(l);
     }
@@ -466,8 +586,12 @@ impl Sim {
                 if !self.stale.is_empty() && self.links[l].connected {
                     let i = self.rng.below(self.stale.len() as u64) as usize;
                     let (sl, f, gens) = self.stale[i].clone();
-                    if sl == l && gens == self.gens(l) && matches!(f, Frame::Batch { .. }) {
-                        if self.links[l].downlink.as_ref().is_some_and(|d| d.state == DownState::Open) {
+                    let open = self.links[l]
+                        .downlink
+                        .as_ref()
+                        .is_some_and(|d| d.state == DownState::Open);
+                    if sl == l && gens == self.gens(l) && matches!(f, Frame::Batch { .. }) && open {
+                        {
                             self.deliver_up(l, f);
                         }
                     }
@@ -556,7 +680,12 @@ impl Sim {
                     eprintln!("missing at {}: {k:?} = {:?}", n.id, want[k]);
                 }
             }
-            assert_eq!(n.store.len(), want.len(), "seed {seed}: item count at {}", n.id);
+            assert_eq!(
+                n.store.len(),
+                want.len(),
+                "seed {seed}: item count at {}",
+                n.id
+            );
             for (k, item) in &want {
                 assert_eq!(n.store.get(k), Some(item), "seed {seed}: {k:?} at {}", n.id);
             }
@@ -564,10 +693,19 @@ impl Sim {
             let mut stack = n.children.clone();
             while let Some(c) = stack.pop() {
                 stack.extend(&self.nodes[c].children);
-                let wm = n.watermarks.get(&self.nodes[c].id).map(|w| (w.incarnation, w.seq));
+                let wm = n
+                    .watermarks
+                    .get(&self.nodes[c].id)
+                    .map(|w| (w.incarnation, w.seq));
                 let want = (self.nodes[c].incarnation, self.nodes[c].last_seq);
                 if want.1 > 0 {
-                    assert_eq!(wm, Some(want), "seed {seed}: watermark of {} at {}", self.nodes[c].id, n.id);
+                    assert_eq!(
+                        wm,
+                        Some(want),
+                        "seed {seed}: watermark of {} at {}",
+                        self.nodes[c].id,
+                        n.id
+                    );
                 }
             }
         }
@@ -585,12 +723,20 @@ fn run(seed: u64, steps: usize) {
 
 #[test]
 fn topology_converges_under_faults() {
-    let seeds: u64 = std::env::var("TIERSYNC_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
-    let first: u64 = std::env::var("TIERSYNC_SIM_FIRST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let seeds: u64 = std::env::var("TIERSYNC_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let first: u64 = std::env::var("TIERSYNC_SIM_FIRST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     for seed in first..first + seeds {
         let result = std::panic::catch_unwind(|| run(seed, 600));
         if let Err(e) = result {
-            panic!("seed {seed} failed (replay: TIERSYNC_SIM_FIRST_SEED={seed} TIERSYNC_SIM_SEEDS=1): {e:?}");
+            panic!(
+                "seed {seed} failed (replay: TIERSYNC_SIM_FIRST_SEED={seed} TIERSYNC_SIM_SEEDS=1): {e:?}"
+            );
         }
     }
 }
@@ -600,7 +746,14 @@ fn policy_for_unit() -> Policy {
 }
 
 fn hello(node: &str, tier: Tier, digest: [u8; 32]) -> Frame {
-    Frame::Hello { protocol: PROTOCOL_VERSION, node: NodeId::new(node).unwrap(), tier, policy_digest: digest, incarnation: 1, subtree: vec![] }
+    Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        node: NodeId::new(node).unwrap(),
+        tier,
+        policy_digest: digest,
+        incarnation: 1,
+        subtree: vec![],
+    }
 }
 
 fn downlink(peer: &str) -> Downlink {
@@ -630,18 +783,48 @@ fn handshake_refusals() {
     let p = policy_for_unit();
     let d0 = p.digest();
     let cases: Vec<(&str, Frame, RefuseReason)> = vec![
-        ("hangzhou", hello("ningbo", Tier::City, d0), RefuseReason::IdMismatch),
-        ("ningbo", hello("ningbo", Tier::City, d0), RefuseReason::UnknownChild),
-        ("hangzhou", hello("hangzhou", Tier::Province, d0), RefuseReason::TierNotBelow),
-        ("hangzhou", hello("hangzhou", Tier::City, [9; 32]), RefuseReason::PolicyMismatch),
         (
             "hangzhou",
-            Frame::Hello { protocol: 99, node: NodeId::new("hangzhou").unwrap(), tier: Tier::City, policy_digest: d0, incarnation: 1, subtree: vec![] },
+            hello("ningbo", Tier::City, d0),
+            RefuseReason::IdMismatch,
+        ),
+        (
+            "ningbo",
+            hello("ningbo", Tier::City, d0),
+            RefuseReason::UnknownChild,
+        ),
+        (
+            "hangzhou",
+            hello("hangzhou", Tier::Province, d0),
+            RefuseReason::TierNotBelow,
+        ),
+        (
+            "hangzhou",
+            hello("hangzhou", Tier::City, [9; 32]),
+            RefuseReason::PolicyMismatch,
+        ),
+        (
+            "hangzhou",
+            Frame::Hello {
+                protocol: 99,
+                node: NodeId::new("hangzhou").unwrap(),
+                tier: Tier::City,
+                policy_digest: d0,
+                incarnation: 1,
+                subtree: vec![],
+            },
             RefuseReason::UnsupportedVersion,
         ),
         (
             "hangzhou",
-            Frame::Hello { protocol: PROTOCOL_VERSION, node: NodeId::new("hangzhou").unwrap(), tier: Tier::City, policy_digest: d0, incarnation: 1, subtree: vec![NodeId::new("x").unwrap()] },
+            Frame::Hello {
+                protocol: PROTOCOL_VERSION,
+                node: NodeId::new("hangzhou").unwrap(),
+                tier: Tier::City,
+                policy_digest: d0,
+                incarnation: 1,
+                subtree: vec![NodeId::new("x").unwrap()],
+            },
             RefuseReason::Violation,
         ),
     ];
@@ -657,54 +840,125 @@ fn open_downlink() -> (Downlink, Policy) {
     let p = policy_for_unit();
     let mut d = downlink("hangzhou");
     d.handle_frame(hello("hangzhou", Tier::City, p.digest()), 0, &p);
-    assert!(matches!(d.poll_event(), Some(DownlinkEvent::Accepted { .. })));
+    assert!(matches!(
+        d.poll_event(),
+        Some(DownlinkEvent::Accepted { .. })
+    ));
     d.cursor_loaded(0);
-    assert_eq!(d.poll_event(), Some(DownlinkEvent::Send(Frame::Welcome { resume_from: 0 })));
+    assert_eq!(
+        d.poll_event(),
+        Some(DownlinkEvent::Send(Frame::Welcome { resume_from: 0 }))
+    );
     (d, p)
 }
 
 fn record_item(category: &str, origin: &str, ms: u64) -> WireItem {
     let mut r = Record::default();
-    r.put(BTreeMap::from([("a".to_string(), Value::Int(1))]), Stamp { hlc: Hlc { physical_ms: ms, logical: 0 }, origin: NodeId::new(origin).unwrap() });
-    WireItem { category: category.into(), key: "k".into(), item: Item::Record(r) }
+    r.put(
+        BTreeMap::from([("a".to_string(), Value::Int(1))]),
+        Stamp {
+            hlc: Hlc {
+                physical_ms: ms,
+                logical: 0,
+            },
+            origin: NodeId::new(origin).unwrap(),
+        },
+    );
+    WireItem {
+        category: category.into(),
+        key: "k".into(),
+        item: Item::Record(r),
+    }
 }
 
 #[test]
 fn batch_refusals() {
     let now = 10_000_000;
     let cases = [
-        ("private category", record_item("opportunity", "hangzhou", now)),
+        (
+            "private category",
+            record_item("opportunity", "hangzhou", now),
+        ),
         ("unknown category", record_item("nope", "hangzhou", now)),
         ("foreign origin", record_item("customer", "ningbo", now)),
-        ("far-future stamp", record_item("customer", "hangzhou", now + 3_600_000)),
-        ("year 9999", record_item("customer", "hangzhou", 253_402_300_799_000)),
+        (
+            "far-future stamp",
+            record_item("customer", "hangzhou", now + 3_600_000),
+        ),
+        (
+            "year 9999",
+            record_item("customer", "hangzhou", 253_402_300_799_000),
+        ),
         ("wrong kind", record_item("billing", "hangzhou", now)),
     ];
     for (what, item) in cases {
         let (mut d, p) = open_downlink();
-        d.handle_frame(Frame::Batch { after: 0, last_seq: 1, upto_hlc: Hlc::ZERO, items: vec![item], watermarks: vec![] }, now, &p);
+        d.handle_frame(
+            Frame::Batch {
+                after: 0,
+                last_seq: 1,
+                upto_hlc: Hlc::ZERO,
+                items: vec![item],
+                watermarks: vec![],
+            },
+            now,
+            &p,
+        );
         assert_eq!(refused(&mut d), Some(RefuseReason::Violation), "{what}");
         assert!(d.is_closed(), "{what}");
     }
     let (mut d, p) = open_downlink();
-    d.handle_frame(Frame::Batch { after: 0, last_seq: 1, upto_hlc: Hlc::ZERO, items: vec![record_item("customer", "hangzhou", now)], watermarks: vec![] }, now, &p);
-    assert!(matches!(d.poll_event(), Some(DownlinkEvent::Merge { cursor: Some((1, _)), .. })));
+    d.handle_frame(
+        Frame::Batch {
+            after: 0,
+            last_seq: 1,
+            upto_hlc: Hlc::ZERO,
+            items: vec![record_item("customer", "hangzhou", now)],
+            watermarks: vec![],
+        },
+        now,
+        &p,
+    );
+    assert!(matches!(
+        d.poll_event(),
+        Some(DownlinkEvent::Merge {
+            cursor: Some((1, _)),
+            ..
+        })
+    ));
     d.merged();
-    assert_eq!(d.poll_event(), Some(DownlinkEvent::Send(Frame::Ack { last_seq: 1 })));
+    assert_eq!(
+        d.poll_event(),
+        Some(DownlinkEvent::Send(Frame::Ack { last_seq: 1 }))
+    );
 }
 
 #[test]
 fn uplink_window_bounds_unacknowledged_batches() {
-    let cfg = UplinkConfig { node: NodeId::new("hangzhou").unwrap(), tier: Tier::City, policy_digest: [0; 32], incarnation: 1, window: 2 };
+    let cfg = UplinkConfig {
+        node: NodeId::new("hangzhou").unwrap(),
+        tier: Tier::City,
+        policy_digest: [0; 32],
+        incarnation: 1,
+        window: 2,
+    };
     let mut u = Uplink::new(cfg, 10, Hlc::ZERO, 1);
     u.connected(vec![]);
-    assert!(matches!(u.poll_event(), Some(UplinkEvent::Send(Frame::Hello { .. }))));
+    assert!(matches!(
+        u.poll_event(),
+        Some(UplinkEvent::Send(Frame::Hello { .. }))
+    ));
     u.handle_frame(Frame::Welcome { resume_from: 4 });
     let mut sent = Vec::new();
     for _ in 0..10 {
         match u.poll_event() {
             Some(UplinkEvent::LoadBatch { after, epoch }) => {
-                let batch = LoadedBatch { last_seq: after + 2, upto_hlc: Hlc::ZERO, items: vec![], watermarks: vec![] };
+                let batch = LoadedBatch {
+                    last_seq: after + 2,
+                    upto_hlc: Hlc::ZERO,
+                    items: vec![],
+                    watermarks: vec![],
+                };
                 u.batch_loaded(epoch, batch);
             }
             Some(UplinkEvent::Send(Frame::Batch { last_seq, .. })) => sent.push(last_seq),
@@ -714,23 +968,70 @@ fn uplink_window_bounds_unacknowledged_batches() {
     assert_eq!(sent, vec![6, 8], "two batches in flight, no more");
     u.handle_frame(Frame::Ack { last_seq: 6 });
     assert_eq!(u.poll_event(), Some(UplinkEvent::Acked { seq: 6 }));
-    assert_eq!(u.poll_event(), Some(UplinkEvent::LoadBatch { after: 8, epoch: 1 }));
+    assert_eq!(
+        u.poll_event(),
+        Some(UplinkEvent::LoadBatch { after: 8, epoch: 1 })
+    );
 }
 
 #[test]
 fn uplink_chooses_snapshot_when_the_changelog_was_trimmed() {
-    let cfg = UplinkConfig { node: NodeId::new("hangzhou").unwrap(), tier: Tier::City, policy_digest: [0; 32], incarnation: 1, window: 2 };
-    let mut u = Uplink::new(cfg, 50, Hlc { physical_ms: 5, logical: 0 }, 41);
+    let cfg = UplinkConfig {
+        node: NodeId::new("hangzhou").unwrap(),
+        tier: Tier::City,
+        policy_digest: [0; 32],
+        incarnation: 1,
+        window: 2,
+    };
+    let mut u = Uplink::new(
+        cfg,
+        50,
+        Hlc {
+            physical_ms: 5,
+            logical: 0,
+        },
+        41,
+    );
     u.connected(vec![]);
     u.poll_event();
     u.handle_frame(Frame::Welcome { resume_from: 0 });
-    assert_eq!(u.poll_event(), Some(UplinkEvent::LoadSnapshot { after: None, epoch: 1 }));
-    u.snapshot_loaded(1, vec![record_item("customer", "hangzhou", 1)], None, vec![]);
-    assert!(matches!(u.poll_event(), Some(UplinkEvent::Send(Frame::SnapshotChunk { .. }))));
-    assert_eq!(u.poll_event(), Some(UplinkEvent::Send(Frame::SnapshotDone { last_seq: 50, upto_hlc: Hlc { physical_ms: 5, logical: 0 }, watermarks: vec![] })));
+    assert_eq!(
+        u.poll_event(),
+        Some(UplinkEvent::LoadSnapshot {
+            after: None,
+            epoch: 1
+        })
+    );
+    u.snapshot_loaded(
+        1,
+        vec![record_item("customer", "hangzhou", 1)],
+        None,
+        vec![],
+    );
+    assert!(matches!(
+        u.poll_event(),
+        Some(UplinkEvent::Send(Frame::SnapshotChunk { .. }))
+    ));
+    assert_eq!(
+        u.poll_event(),
+        Some(UplinkEvent::Send(Frame::SnapshotDone {
+            last_seq: 50,
+            upto_hlc: Hlc {
+                physical_ms: 5,
+                logical: 0
+            },
+            watermarks: vec![]
+        }))
+    );
     // A parent that is ahead of what this node ever wrote is a violation.
     let mut u2 = Uplink::new(
-        UplinkConfig { node: NodeId::new("hangzhou").unwrap(), tier: Tier::City, policy_digest: [0; 32], incarnation: 1, window: 2 },
+        UplinkConfig {
+            node: NodeId::new("hangzhou").unwrap(),
+            tier: Tier::City,
+            policy_digest: [0; 32],
+            incarnation: 1,
+            window: 2,
+        },
         3,
         Hlc::ZERO,
         1,

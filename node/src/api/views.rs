@@ -1,0 +1,298 @@
+//! Read-only views: the unified customer view, status, metrics, OpenAPI.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tiersync_protocol::policy::CustomerLink;
+use tiersync_protocol::{Item, Kind, Replicate, Value};
+use utoipa::{OpenApi, ToSchema};
+
+use super::error::{ApiError, ErrorBody};
+use super::{ApiDoc, ApiPath, ApiState, blocking};
+use crate::json::{ItemView, item_view};
+use crate::store::Store;
+
+/// The category holding customer records (the key is the customer id).
+pub const CUSTOMER_CATEGORY: &str = "customer";
+/// Most items listed per related category in a customer view.
+pub const MAX_RELATED: usize = 1000;
+/// Page size of the store scans behind the customer view.
+const SCAN_PAGE: usize = 1000;
+
+/// The items of one category that belong to a customer.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct RelatedItems {
+    /// How the category links to a customer, as in the policy:
+    /// `{"field": "customer_id"}` or `{"key_prefix": "/"}`.
+    #[schema(value_type = Object)]
+    pub link: serde_json::Value,
+    /// The items, in key order (deleted records left out).
+    pub items: Vec<ItemView>,
+    /// More than 1000 items matched; only the first 1000 are listed.
+    pub truncated: bool,
+}
+
+/// A customer and everything that belongs to it, on this node.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct CustomerView {
+    /// The customer id.
+    pub id: String,
+    /// The record of the `customer` category (`null` if this node holds
+    /// none, e.g. not replicated yet).
+    pub customer: Option<ItemView>,
+    /// For every category with a `customer_link`: its items of this customer.
+    pub related: BTreeMap<String, RelatedItems>,
+}
+
+/// Whether a link field's value names customer `id` (text, or a whole number
+/// written as JSON number).
+fn names_customer(v: Option<&Value>, id: &str) -> bool {
+    match v {
+        Some(Value::Str(s)) => s == id,
+        Some(Value::Int(i)) => i.to_string() == id,
+        _ => false,
+    }
+}
+
+fn field_of<'a>(item: &'a Item, field: &str) -> Option<&'a Value> {
+    match item {
+        Item::Record(r) => r.document().get(field).copied(),
+        Item::Log(l) => l.fields.get(field),
+    }
+}
+
+/// The items of `category` linked to customer `id`, at most `MAX_RELATED`.
+fn related_items(
+    store: &Store,
+    category: &str,
+    link: &CustomerLink,
+    id: &str,
+) -> Result<RelatedItems, ApiError> {
+    let mut items = Vec::new();
+    let mut truncated = false;
+    match link {
+        CustomerLink::KeyPrefix(sep) => {
+            let page = store.scan(category, &format!("{id}{sep}"), None, MAX_RELATED, false)?;
+            truncated = page.next.is_some();
+            items.extend(
+                page.items
+                    .iter()
+                    .map(|(k, item)| item_view(category, k, item)),
+            );
+        }
+        CustomerLink::Field(field) => {
+            // A full scan of the category: fine for a city's data, linear in
+            // the category's size at HQ. A secondary index (customer id →
+            // keys, kept in the same WriteBatch) is the fix when it matters.
+            let mut after: Option<String> = None;
+            'pages: loop {
+                let page = store.scan(category, "", after.as_deref(), SCAN_PAGE, false)?;
+                for (k, item) in &page.items {
+                    if names_customer(field_of(item, field), id) {
+                        if items.len() == MAX_RELATED {
+                            truncated = true;
+                            break 'pages;
+                        }
+                        items.push(item_view(category, k, item));
+                    }
+                }
+                match page.next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+        }
+    }
+    Ok(RelatedItems {
+        link: serde_json::to_value(link).unwrap_or_default(),
+        items,
+        truncated,
+    })
+}
+
+/// The unified customer view: the customer record and every item of the
+/// categories that link to customers.
+///
+/// At a city this includes the city's private (`local`) items; above, only
+/// what replicated there.
+#[utoipa::path(
+    get,
+    path = "/v1/customers/{id}",
+    tag = "views",
+    params(("id" = String, Path, description = "Customer id: the key of the customer record")),
+    responses(
+        (status = 200, description = "The customer and its items", body = CustomerView),
+        (status = 400, description = "invalid_key", body = ErrorBody),
+        (status = 404, description = "not_found: no record and no item of this customer", body = ErrorBody),
+        (status = 503, description = "unavailable", body = ErrorBody),
+    )
+)]
+pub async fn customer(
+    State(st): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<CustomerView>, ApiError> {
+    st.store.policy().check_key(&id)?;
+    let store = st.store.clone();
+    blocking(move || {
+        let policy = store.policy().clone();
+        let customer = match policy.categories.contains_key(CUSTOMER_CATEGORY) {
+            true => store
+                .get(CUSTOMER_CATEGORY, &id)?
+                .filter(|item| !item.is_deleted())
+                .map(|item| item_view(CUSTOMER_CATEGORY, &id, &item)),
+            false => None,
+        };
+        let mut related = BTreeMap::new();
+        for (name, cat) in &policy.categories {
+            if name == CUSTOMER_CATEGORY {
+                continue;
+            }
+            if let Some(link) = &cat.customer_link {
+                related.insert(name.clone(), related_items(&store, name, link, &id)?);
+            }
+        }
+        if customer.is_none() && related.values().all(|r| r.items.is_empty()) {
+            return Err(ApiError::not_found(format!(
+                "no customer {id:?} and no item linked to it on this node"
+            )));
+        }
+        Ok(Json(CustomerView {
+            id,
+            customer,
+            related,
+        }))
+    })
+    .await
+}
+
+/// A category in the status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct CategoryStatus {
+    /// `record` or `log`.
+    pub kind: String,
+    /// `up` or `local`.
+    pub replicate: String,
+    /// Items held (deleted records not counted).
+    pub items: u64,
+}
+
+/// What `GET /v1/status` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct StatusView {
+    /// This node's id.
+    pub node_id: String,
+    /// `city`, `province` or `national`.
+    pub tier: String,
+    /// The tiersync version.
+    pub version: String,
+    /// SHA-256 of the policy (equal on every node of a deployment).
+    pub policy_digest: String,
+    /// The last changelog sequence number.
+    pub last_seq: u64,
+    /// Every declared category with its item count.
+    pub categories: BTreeMap<String, CategoryStatus>,
+    /// The parent and children links (state, lag in records and seconds,
+    /// last error), as the replication layer reports them.
+    #[schema(value_type = Object)]
+    pub links: serde_json::Value,
+}
+
+/// Node id, tier, version, item counts and replication links.
+#[utoipa::path(
+    get,
+    path = "/v1/status",
+    tag = "ops",
+    responses(
+        (status = 200, description = "The node's status", body = StatusView),
+        (status = 503, description = "unavailable", body = ErrorBody),
+    )
+)]
+pub async fn status(State(st): State<ApiState>) -> Result<Json<StatusView>, ApiError> {
+    let store = st.store.clone();
+    let (last_seq, counts) = blocking(move || {
+        let last_seq = store.last_seq()?;
+        // Counting by a full scan of the data: linear in the node's size.
+        // Fine for now; counters kept in the write batches are the fix.
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        store.for_each_item(|cat, _, item| {
+            if !item.is_deleted() {
+                *counts.entry(cat.to_string()).or_default() += 1;
+            }
+        })?;
+        Ok((last_seq, counts))
+    })
+    .await?;
+    let policy = st.store.policy();
+    let categories = policy
+        .categories
+        .iter()
+        .map(|(name, cat)| {
+            let status = CategoryStatus {
+                kind: match cat.kind {
+                    Kind::Record => "record",
+                    Kind::Log => "log",
+                }
+                .to_string(),
+                replicate: match cat.replicate {
+                    Replicate::Up => "up",
+                    Replicate::Local => "local",
+                }
+                .to_string(),
+                items: counts.get(name).copied().unwrap_or(0),
+            };
+            (name.clone(), status)
+        })
+        .collect();
+    Ok(Json(StatusView {
+        node_id: st.node_id.to_string(),
+        tier: st.tier.to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        policy_digest: policy.digest_hex(),
+        last_seq,
+        categories,
+        links: (st.status)(),
+    }))
+}
+
+/// This API as an OpenAPI 3 document.
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    tag = "ops",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object))
+)]
+pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
+        (status = 404, description = "metrics_disabled: the node runs without a recorder", body = ErrorBody),
+    )
+)]
+pub async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiError> {
+    let handle = st.metrics.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "metrics_disabled",
+            "this node runs without a metrics recorder",
+        )
+    })?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
+        .into_response())
+}

@@ -1,0 +1,633 @@
+//! The deployment CA and node certificates (`tiersync certs …`).
+//!
+//! One CA per deployment signs one certificate per node. A node certificate
+//! names its node id as a DNS subject alternative name (the identity peers
+//! check, see [`crate::tls`]) and, optionally, its tier as a second SAN
+//! `tier.<tier>.tiersync` (which is never a valid node id, so it cannot be
+//! mistaken for one). Keys are ECDSA P-256, written PKCS#8 PEM with mode 0600
+//! from the moment the file exists.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+};
+use tiersync_protocol::{NodeId, Tier};
+use x509_parser::asn1_rs::Tag;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+
+/// The CA certificate's file name inside a certificate directory.
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// The CA private key's file name inside a certificate directory.
+pub const CA_KEY_FILE: &str = "ca.key";
+/// How long a new CA is valid.
+pub const CA_VALIDITY_DAYS: u32 = 3650;
+/// Default validity of a node certificate.
+pub const DEFAULT_NODE_VALIDITY_DAYS: u32 = 365;
+/// Longest validity accepted for a node certificate (about 100 years).
+pub const MAX_VALIDITY_DAYS: u32 = 36_500;
+
+/// Certificates are valid from this long before they are made, so a peer
+/// whose clock is a little behind accepts a fresh certificate.
+const BACKDATE: Duration = Duration::from_secs(3600);
+const DAY: u64 = 86_400;
+
+/// Why a certificate operation failed. Every variant names its file.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// Refusing to overwrite an existing file (a CA is created once).
+    #[error("{file}: already exists; refusing to overwrite it", file = .file.display())]
+    Exists {
+        /// The file.
+        file: PathBuf,
+    },
+    /// A file or directory could not be read.
+    #[error("{file}: cannot read: {source}", file = .file.display())]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file or directory could not be written.
+    #[error("{file}: cannot write: {source}", file = .file.display())]
+    Write {
+        /// The file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file is not a valid PEM certificate or key, or not a usable one.
+    #[error("{file}: {reason}", file = .file.display())]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The CA key does not belong to the CA certificate.
+    #[error("{key}: is not the private key of {cert}", key = .key.display(), cert = .cert.display())]
+    KeyMismatch {
+        /// The CA certificate.
+        cert: PathBuf,
+        /// The CA key.
+        key: PathBuf,
+    },
+    /// The node id would collide with the CA's own files.
+    #[error("node id {0:?} is reserved: its files would overwrite the CA's")]
+    ReservedId(NodeId),
+    /// A validity outside `1..=MAX_VALIDITY_DAYS`.
+    #[error("validity of {0} days is out of range 1..={MAX_VALIDITY_DAYS}")]
+    Validity(u32),
+    /// Key generation or signing failed.
+    #[error("{file}: cannot generate: {source}", file = .file.display())]
+    Generate {
+        /// The file that was being generated.
+        file: PathBuf,
+        /// rcgen's error.
+        source: rcgen::Error,
+    },
+}
+
+/// The two files of a key pair with its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// The certificate (PEM).
+    pub cert: PathBuf,
+    /// The private key (PKCS#8 PEM, mode 0600).
+    pub key: PathBuf,
+}
+
+/// What [`inspect`] reads from a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The node id in the DNS SANs; `None` for a certificate without one
+    /// (such as the CA's).
+    pub node_id: Option<NodeId>,
+    /// The tier SAN (`tier.<tier>.tiersync`), if present.
+    pub tier: Option<Tier>,
+    /// The subject distinguished name, e.g. `CN=hangzhou`.
+    pub subject: String,
+    /// The issuer distinguished name, e.g. `CN=tiersync CA 1a2b3c4d`.
+    pub issuer: String,
+    /// Whether this is a CA certificate.
+    pub is_ca: bool,
+    /// Start of validity, Unix seconds.
+    pub not_before: i64,
+    /// End of validity, Unix seconds.
+    pub not_after: i64,
+}
+
+/// The tier SAN for `tier`: `tier.<tier>.tiersync`.
+pub fn tier_san(tier: Tier) -> String {
+    format!("tier.{tier}.tiersync")
+}
+
+fn tier_from_san(name: &str) -> Option<Tier> {
+    let t = name.strip_prefix("tier.")?.strip_suffix(".tiersync")?;
+    [Tier::City, Tier::Province, Tier::National]
+        .into_iter()
+        .find(|tier| tier.as_str() == t)
+}
+
+/// The identity carried by a certificate's DNS SANs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct SanIdentity {
+    /// Every DNS SAN that is a valid node id.
+    pub node_ids: Vec<NodeId>,
+    /// The tier SAN, if any.
+    pub tier: Option<Tier>,
+}
+
+/// Reads the node ids and tier from a parsed certificate's DNS SANs.
+pub(crate) fn san_identity(cert: &X509Certificate<'_>) -> Result<SanIdentity, String> {
+    let mut id = SanIdentity::default();
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("bad subject alternative name extension: {e}"))?;
+    for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
+        if let GeneralName::DNSName(dns) = name {
+            if let Ok(node) = NodeId::new(*dns) {
+                id.node_ids.push(node);
+            } else if let Some(tier) = tier_from_san(dns) {
+                id.tier = Some(tier);
+            }
+        }
+    }
+    Ok(id)
+}
+
+/// Parses one DER certificate.
+pub(crate) fn parse_der(der: &[u8]) -> Result<X509Certificate<'_>, String> {
+    match x509_parser::parse_x509_certificate(der) {
+        Ok(([], cert)) => Ok(cert),
+        Ok(_) => Err("trailing bytes after the certificate".to_string()),
+        Err(e) => Err(format!("not a valid X.509 certificate: {e}")),
+    }
+}
+
+/// The DER bytes of the first `CERTIFICATE` block of a PEM file.
+fn read_pem_cert(file: &Path) -> Result<Vec<u8>, CertError> {
+    let bytes = fs::read(file).map_err(|source| CertError::Read {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    let invalid = |reason: String| CertError::Invalid {
+        file: file.to_path_buf(),
+        reason,
+    };
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&bytes)
+        .map_err(|e| invalid(format!("not a PEM certificate: {e}")))?;
+    if pem.label != "CERTIFICATE" {
+        return Err(invalid(format!(
+            "expected a CERTIFICATE, found {}",
+            pem.label
+        )));
+    }
+    Ok(pem.contents)
+}
+
+fn read_key(file: &Path) -> Result<KeyPair, CertError> {
+    let text = fs::read_to_string(file).map_err(|source| CertError::Read {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    KeyPair::from_pem(&text).map_err(|e| CertError::Invalid {
+        file: file.to_path_buf(),
+        reason: format!("not a usable private key: {e}"),
+    })
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Sets `[now - BACKDATE, now + days]`, the end capped at `cap` (Unix secs).
+fn set_validity(params: &mut CertificateParams, days: u32, cap: Option<u64>) {
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    let now = now_secs();
+    let mut end = now + u64::from(days) * DAY;
+    if let Some(cap) = cap {
+        end = end.min(cap);
+    }
+    params.not_before = epoch + Duration::from_secs(now.saturating_sub(BACKDATE.as_secs()));
+    params.not_after = epoch + Duration::from_secs(end);
+}
+
+/// Creates `dir` (mode 0700) if it does not exist.
+fn ensure_dir(dir: &Path) -> Result<(), CertError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| CertError::Write {
+            file: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Writes a new file that must not exist yet, created with `mode`.
+fn write_new(file: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
+    let write_err = |source| CertError::Write {
+        file: file.to_path_buf(),
+        source,
+    };
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(file)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                CertError::Exists {
+                    file: file.to_path_buf(),
+                }
+            } else {
+                write_err(e)
+            }
+        })?;
+    if let Err(e) = f.write_all(contents).and_then(|()| f.sync_all()) {
+        drop(f);
+        let _ = fs::remove_file(file);
+        return Err(write_err(e));
+    }
+    Ok(())
+}
+
+/// Replaces `file` atomically: a temporary file created with `mode` in the
+/// same directory, then renamed over it. A reader never sees half a file.
+fn write_replace(file: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = file.with_file_name(format!(
+        ".{name}.tmp-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    write_new(&tmp, contents, mode)?;
+    fs::rename(&tmp, file).map_err(|source| {
+        let _ = fs::remove_file(&tmp);
+        CertError::Write {
+            file: file.to_path_buf(),
+            source,
+        }
+    })
+}
+
+fn sync_dir(dir: &Path) -> Result<(), CertError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| CertError::Write {
+            file: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Creates a new deployment CA in `dir` (created if missing): `ca.pem` and
+/// `ca.key` (mode 0600), valid for [`CA_VALIDITY_DAYS`]. Refuses if either
+/// file already exists, so a CA that signed a deployment is never lost.
+pub fn init_ca(dir: &Path) -> Result<CertFiles, CertError> {
+    let files = CertFiles {
+        cert: dir.join(CA_CERT_FILE),
+        key: dir.join(CA_KEY_FILE),
+    };
+    for file in [&files.cert, &files.key] {
+        if file.exists() {
+            return Err(CertError::Exists { file: file.clone() });
+        }
+    }
+    let generate = |source| CertError::Generate {
+        file: files.cert.clone(),
+        source,
+    };
+    let key = KeyPair::generate().map_err(generate)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    // A random suffix tells deployments' CAs apart in `inspect` and logs.
+    dn.push(
+        DnType::CommonName,
+        format!("tiersync CA {:08x}", rand::random::<u32>()),
+    );
+    dn.push(DnType::OrganizationName, "tiersync");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    set_validity(&mut params, CA_VALIDITY_DAYS, None);
+    let cert = params.self_signed(&key).map_err(generate)?;
+
+    ensure_dir(dir)?;
+    write_new(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
+    if let Err(e) = write_new(&files.cert, cert.pem().as_bytes(), 0o644) {
+        // Do not leave a key without its certificate behind.
+        let _ = fs::remove_file(&files.key);
+        return Err(e);
+    }
+    sync_dir(dir)?;
+    Ok(files)
+}
+
+/// The CA of `dir`, ready to sign, and its expiry (Unix secs).
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    subject_der: Vec<u8>,
+    not_after: u64,
+}
+
+fn load_ca(dir: &Path) -> Result<Ca, CertError> {
+    let cert_file = dir.join(CA_CERT_FILE);
+    let key_file = dir.join(CA_KEY_FILE);
+    let der = read_pem_cert(&cert_file)?;
+    let invalid = |reason: String| CertError::Invalid {
+        file: cert_file.clone(),
+        reason,
+    };
+    let x509 = parse_der(&der).map_err(invalid)?;
+    if !x509.is_ca() {
+        return Err(invalid(
+            "not a CA certificate (basicConstraints CA:false)".into(),
+        ));
+    }
+    let key = read_key(&key_file)?;
+    if key.subject_public_key_info() != x509.public_key().raw {
+        return Err(CertError::KeyMismatch {
+            cert: cert_file,
+            key: key_file,
+        });
+    }
+    let not_after = x509.validity().not_after.timestamp();
+    if not_after <= i64::try_from(now_secs()).unwrap_or(i64::MAX) {
+        return Err(invalid(format!(
+            "the CA expired at {}",
+            x509.validity().not_after
+        )));
+    }
+    // rcgen (without its x509-parser feature) cannot read a CA certificate,
+    // so rebuild the issuer's name from the parsed subject. `issue` checks
+    // that the result encodes to the same bytes.
+    let mut dn = DistinguishedName::new();
+    for attr in x509.subject().iter_attributes() {
+        let oid: Vec<u64> = attr
+            .attr_type()
+            .iter()
+            .map(Iterator::collect)
+            .ok_or_else(|| invalid("subject has an unsupported attribute type".into()))?;
+        let text = attr
+            .as_str()
+            .map_err(|_| invalid("subject has a non-string attribute".into()))?;
+        let value = match attr.attr_value().tag() {
+            Tag::Utf8String => DnValue::Utf8String(text.to_string()),
+            Tag::PrintableString => DnValue::PrintableString(
+                text.try_into()
+                    .map_err(|_| invalid("subject has a bad PrintableString".into()))?,
+            ),
+            Tag::Ia5String => DnValue::Ia5String(
+                text.try_into()
+                    .map_err(|_| invalid("subject has a bad IA5String".into()))?,
+            ),
+            _ => return Err(invalid("subject has an unsupported string type".into())),
+        };
+        dn.push(DnType::from_oid(&oid), value);
+    }
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(Ca {
+        issuer: Issuer::new(params, key),
+        subject_der: x509.subject().as_raw().to_vec(),
+        not_after: u64::try_from(not_after).unwrap_or(0),
+    })
+}
+
+/// Issues a certificate for `node_id`, signed by the CA in `dir`: writes
+/// `<id>.pem` and `<id>.key` (mode 0600) there, replacing earlier ones
+/// atomically (renewal). The node id is the first DNS SAN; `tier`, if given,
+/// adds `tier.<tier>.tiersync`. Valid from an hour ago for `validity_days`,
+/// but never beyond the CA's own expiry. Usable for both client and server
+/// authentication: every node both accepts children and dials its parent.
+pub fn issue(
+    dir: &Path,
+    node_id: &NodeId,
+    tier: Option<Tier>,
+    validity_days: u32,
+) -> Result<CertFiles, CertError> {
+    if !(1..=MAX_VALIDITY_DAYS).contains(&validity_days) {
+        return Err(CertError::Validity(validity_days));
+    }
+    let files = CertFiles {
+        cert: dir.join(format!("{node_id}.pem")),
+        key: dir.join(format!("{node_id}.key")),
+    };
+    if files.cert.file_name() == Some(CA_CERT_FILE.as_ref())
+        || files.key.file_name() == Some(CA_KEY_FILE.as_ref())
+    {
+        return Err(CertError::ReservedId(node_id.clone()));
+    }
+    let ca = load_ca(dir)?;
+    let generate = |source| CertError::Generate {
+        file: files.cert.clone(),
+        source,
+    };
+    let key = KeyPair::generate().map_err(generate)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node_id.as_str());
+    params.distinguished_name = dn;
+    let mut sans = vec![SanType::DnsName(
+        node_id.as_str().try_into().map_err(generate)?,
+    )];
+    if let Some(tier) = tier {
+        sans.push(SanType::DnsName(
+            tier_san(tier).try_into().map_err(generate)?,
+        ));
+    }
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, validity_days, Some(ca.not_after));
+    let cert = params.signed_by(&key, &ca.issuer).map_err(generate)?;
+
+    // The issuer name must match the CA's subject byte for byte, or no
+    // verifier will chain the certificate to the CA.
+    let issued = parse_der(cert.der()).map_err(|reason| CertError::Invalid {
+        file: files.cert.clone(),
+        reason,
+    })?;
+    if issued.issuer().as_raw() != ca.subject_der.as_slice() {
+        return Err(CertError::Invalid {
+            file: dir.join(CA_CERT_FILE),
+            reason: "the CA's subject name cannot be reproduced; was this CA made by `tiersync certs init`?".into(),
+        });
+    }
+
+    write_replace(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
+    write_replace(&files.cert, cert.pem().as_bytes(), 0o644)?;
+    sync_dir(dir)?;
+    Ok(files)
+}
+
+/// Reads a PEM certificate: its node id, tier, names and validity.
+pub fn inspect(cert_pem: &Path) -> Result<CertInfo, CertError> {
+    let der = read_pem_cert(cert_pem)?;
+    let invalid = |reason: String| CertError::Invalid {
+        file: cert_pem.to_path_buf(),
+        reason,
+    };
+    let x509 = parse_der(&der).map_err(invalid)?;
+    let ids = san_identity(&x509).map_err(invalid)?;
+    if ids.node_ids.len() > 1 {
+        let list: Vec<&str> = ids.node_ids.iter().map(NodeId::as_str).collect();
+        return Err(invalid(format!(
+            "names several node ids: {}",
+            list.join(", ")
+        )));
+    }
+    Ok(CertInfo {
+        node_id: ids.node_ids.into_iter().next(),
+        tier: ids.tier,
+        subject: x509.subject().to_string(),
+        issuer: x509.issuer().to_string(),
+        is_ca: x509.is_ca(),
+        not_before: x509.validity().not_before.timestamp(),
+        not_after: x509.validity().not_after.timestamp(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn id(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    fn mode(file: &Path) -> u32 {
+        fs::metadata(file).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn key_files_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = init_ca(dir.path()).unwrap();
+        assert_eq!(mode(&ca.key), 0o600);
+        let node = issue(dir.path(), &id("hangzhou"), Some(Tier::City), 30).unwrap();
+        assert_eq!(mode(&node.key), 0o600);
+        // Re-issuing (renewal) replaces the files and keeps the mode.
+        let again = issue(dir.path(), &id("hangzhou"), None, 30).unwrap();
+        assert_eq!(mode(&again.key), 0o600);
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            4,
+            "no temporary files left"
+        );
+    }
+
+    #[test]
+    fn ca_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = init_ca(dir.path()).unwrap();
+        let before = fs::read(&first.cert).unwrap();
+        let err = init_ca(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, CertError::Exists { file } if file == &first.cert),
+            "{err}"
+        );
+        assert_eq!(fs::read(&first.cert).unwrap(), before);
+        // A node named `ca` would clobber the CA.
+        assert!(matches!(
+            issue(dir.path(), &id("ca"), None, 1),
+            Err(CertError::ReservedId(_))
+        ));
+    }
+
+    #[test]
+    fn inspect_reads_id_tier_issuer_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = init_ca(dir.path()).unwrap();
+        let node = issue(dir.path(), &id("zhejiang"), Some(Tier::Province), 10).unwrap();
+        let info = inspect(&node.cert).unwrap();
+        let ca_info = inspect(&ca.cert).unwrap();
+        assert_eq!(info.node_id, Some(id("zhejiang")));
+        assert_eq!(info.tier, Some(Tier::Province));
+        assert!(!info.is_ca);
+        assert_eq!(info.issuer, ca_info.subject);
+        assert!(ca_info.is_ca && ca_info.node_id.is_none());
+        let now = i64::try_from(now_secs()).unwrap();
+        assert!(
+            (info.not_after - (now + 10 * 86_400)).abs() < 60,
+            "{info:?}"
+        );
+        assert!(info.not_before < now);
+    }
+
+    #[test]
+    fn node_validity_is_capped_by_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = init_ca(dir.path()).unwrap();
+        let node = issue(dir.path(), &id("n1"), None, MAX_VALIDITY_DAYS).unwrap();
+        assert_eq!(
+            inspect(&node.cert).unwrap().not_after,
+            inspect(&ca.cert).unwrap().not_after
+        );
+        assert!(matches!(
+            issue(dir.path(), &id("n1"), None, 0),
+            Err(CertError::Validity(0))
+        ));
+    }
+
+    #[test]
+    fn errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // No CA yet.
+        let err = issue(dir.path(), &id("n1"), None, 1).unwrap_err();
+        assert!(err.to_string().contains("ca.pem"), "{err}");
+        // Garbage certificate.
+        let bad = dir.path().join("bad.pem");
+        fs::write(&bad, "not a certificate").unwrap();
+        let err = inspect(&bad).unwrap_err();
+        assert!(err.to_string().contains("bad.pem"), "{err}");
+        // A CA key that does not match its certificate.
+        let other = tempfile::tempdir().unwrap();
+        init_ca(dir.path()).unwrap();
+        init_ca(other.path()).unwrap();
+        fs::remove_file(dir.path().join(CA_KEY_FILE)).unwrap();
+        fs::copy(other.path().join(CA_KEY_FILE), dir.path().join(CA_KEY_FILE)).unwrap();
+        let err = issue(dir.path(), &id("n1"), None, 1).unwrap_err();
+        assert!(matches!(err, CertError::KeyMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn tier_sans_round_trip_and_are_not_node_ids() {
+        for tier in [Tier::City, Tier::Province, Tier::National] {
+            assert_eq!(tier_from_san(&tier_san(tier)), Some(tier));
+            assert!(NodeId::new(tier_san(tier)).is_err());
+        }
+        assert_eq!(tier_from_san("tier.village.tiersync"), None);
+    }
+}

@@ -1,0 +1,254 @@
+//! Writes a complete local deployment: CA and node certificates, one config
+//! file per node, and the default CRM policy. Used by `tiersync demo` and by
+//! the multi-node tests, so both run exactly what an operator would.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use tiersync_protocol::{NodeId, Tier};
+
+use crate::certs;
+use crate::config::Durability;
+
+/// The default CRM policy shipped in `config-examples/policy.toml`.
+pub const DEFAULT_POLICY: &str = include_str!("../../config-examples/policy.toml");
+
+const PROVINCES: [&str; 6] = [
+    "zhejiang",
+    "jiangsu",
+    "guangdong",
+    "sichuan",
+    "hubei",
+    "shandong",
+];
+const CITIES: [[&str; 4]; 6] = [
+    ["hangzhou", "ningbo", "wenzhou", "shaoxing"],
+    ["nanjing", "suzhou", "wuxi", "changzhou"],
+    ["guangzhou", "shenzhen", "foshan", "dongguan"],
+    ["chengdu", "mianyang", "deyang", "yibin"],
+    ["wuhan", "yichang", "xiangyang", "jingzhou"],
+    ["jinan", "qingdao", "yantai", "weifang"],
+];
+
+/// The shape of a generated deployment.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Provinces under the national node.
+    pub provinces: usize,
+    /// Cities under each province.
+    pub cities_per_province: usize,
+    /// Durability of every node.
+    pub durability: Durability,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Self {
+            provinces: 2,
+            cities_per_province: 2,
+            durability: Durability::Fsync,
+        }
+    }
+}
+
+/// One generated node.
+#[derive(Debug, Clone)]
+pub struct GenNode {
+    /// Its id.
+    pub id: NodeId,
+    /// Its tier.
+    pub tier: Tier,
+    /// Its parent's id.
+    pub parent: Option<NodeId>,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Its API address.
+    pub api: std::net::SocketAddr,
+}
+
+/// A generated deployment.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// The directory it lives in.
+    pub dir: PathBuf,
+    /// Nodes, national first, then each province followed by its cities.
+    pub nodes: Vec<GenNode>,
+}
+
+impl Generated {
+    /// Config files of every node, for `tiersync config check`.
+    pub fn config_files(&self) -> Vec<PathBuf> {
+        self.nodes.iter().map(|n| n.config.clone()).collect()
+    }
+
+    /// A node by id.
+    pub fn node(&self, id: &str) -> Option<&GenNode> {
+        self.nodes.iter().find(|n| n.id.as_str() == id)
+    }
+}
+
+fn province_name(i: usize) -> String {
+    PROVINCES
+        .get(i)
+        .map_or_else(|| format!("province-{}", i + 1), |s| s.to_string())
+}
+
+fn city_name(p: usize, c: usize) -> String {
+    CITIES
+        .get(p)
+        .and_then(|cs| cs.get(c))
+        .map_or_else(|| format!("city-{}-{}", p + 1, c + 1), |s| s.to_string())
+}
+
+/// A free loopback port (TCP and UDP both free at the time of the call).
+pub fn free_port() -> Result<u16> {
+    for _ in 0..50 {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").context("probing a free port")?;
+        let port = tcp.local_addr()?.port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port found")
+}
+
+/// Writes the deployment into `dir` (created if missing).
+pub fn generate(dir: &Path, spec: &Spec) -> Result<Generated> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("policy.toml"), DEFAULT_POLICY).context("writing policy.toml")?;
+    let cert_dir = dir.join("certs");
+    certs::init_ca(&cert_dir).context("creating the deployment CA")?;
+
+    struct Plan {
+        id: String,
+        tier: Tier,
+        parent: Option<usize>,
+        children: Vec<usize>,
+    }
+    let mut plan = vec![Plan {
+        id: "national".into(),
+        tier: Tier::National,
+        parent: None,
+        children: vec![],
+    }];
+    for p in 0..spec.provinces {
+        let pi = plan.len();
+        plan.push(Plan {
+            id: province_name(p),
+            tier: Tier::Province,
+            parent: Some(0),
+            children: vec![],
+        });
+        plan[0].children.push(pi);
+        for c in 0..spec.cities_per_province {
+            let ci = plan.len();
+            plan.push(Plan {
+                id: city_name(p, c),
+                tier: Tier::City,
+                parent: Some(pi),
+                children: vec![],
+            });
+            plan[pi].children.push(ci);
+        }
+    }
+    let peers: Vec<u16> = plan.iter().map(|_| free_port()).collect::<Result<_>>()?;
+    let apis: Vec<u16> = plan.iter().map(|_| free_port()).collect::<Result<_>>()?;
+
+    let mut nodes = Vec::new();
+    for (i, n) in plan.iter().enumerate() {
+        let id = NodeId::new(n.id.clone()).context("generated node id")?;
+        certs::issue(
+            &cert_dir,
+            &id,
+            Some(n.tier),
+            certs::DEFAULT_NODE_VALIDITY_DAYS,
+        )
+        .with_context(|| format!("issuing the certificate of {id}"))?;
+        let mut toml = String::new();
+        let _ = writeln!(toml, "# {} node of a generated tiersync deployment", n.tier);
+        if !n.children.is_empty() {
+            let kids: Vec<String> = n
+                .children
+                .iter()
+                .map(|&c| format!("{:?}", plan[c].id))
+                .collect();
+            let _ = writeln!(toml, "children = [{}]", kids.join(", "));
+        }
+        let _ = writeln!(
+            toml,
+            "\n[node]\nid = {:?}\ntier = {:?}\npolicy = \"policy.toml\"\ndata_dir = \"data/{}\"",
+            n.id,
+            n.tier.as_str(),
+            n.id
+        );
+        let _ = writeln!(
+            toml,
+            "\n[listen]\npeer = \"127.0.0.1:{}\"\napi = \"127.0.0.1:{}\"",
+            peers[i], apis[i]
+        );
+        if let Some(p) = n.parent {
+            let _ = writeln!(
+                toml,
+                "\n[parent]\nid = {:?}\naddr = \"127.0.0.1:{}\"",
+                plan[p].id, peers[p]
+            );
+        }
+        let _ = writeln!(
+            toml,
+            "\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{0}.pem\"\nkey = \"certs/{0}.key\"",
+            n.id
+        );
+        let durability = match spec.durability {
+            Durability::Fsync => "fsync",
+            Durability::Buffered => "buffered",
+        };
+        let _ = writeln!(toml, "\n[storage]\ndurability = \"{durability}\"");
+        let config = dir.join(format!("{}.toml", n.id));
+        std::fs::write(&config, toml).with_context(|| format!("writing {}", config.display()))?;
+        nodes.push(GenNode {
+            parent: n
+                .parent
+                .map(|p| NodeId::new(plan[p].id.clone()))
+                .transpose()
+                .context("parent id")?,
+            id,
+            tier: n.tier,
+            config,
+            data_dir: dir.join("data").join(&n.id),
+            api: std::net::SocketAddr::from(([127, 0, 0, 1], apis[i])),
+        });
+    }
+    Ok(Generated {
+        dir: dir.to_path_buf(),
+        nodes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_deployment_passes_config_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = generate(
+            dir.path(),
+            &Spec {
+                provinces: 2,
+                cities_per_province: 3,
+                ..Spec::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(g.nodes.len(), 1 + 2 + 6);
+        let loaded: Vec<_> = g
+            .config_files()
+            .iter()
+            .map(|f| crate::config::load(f).unwrap())
+            .collect();
+        assert_eq!(crate::deployment::check(&loaded), vec![]);
+    }
+}

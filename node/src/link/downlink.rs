@@ -1,0 +1,270 @@
+//! The parent's driver: accepts children on the peer endpoint, takes each
+//! child's identity from its certificate, and pumps a [`Downlink`] session.
+//! Each connection is its own task: a misbehaving child is refused or dropped
+//! without touching the others.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tiersync_protocol::frame::RefuseReason;
+use tiersync_protocol::sync::{Downlink, DownlinkConfig, DownlinkEvent};
+use tiersync_protocol::{NodeId, Policy, Tier};
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::status::LinkStatus;
+use super::{LinkError, blocking, read_frame, write_frame};
+use crate::store::{RemoteMerge, Store};
+
+/// Which child relays for which node of the subtree (learned from Hellos).
+pub type Claims = Arc<Mutex<BTreeMap<NodeId, NodeId>>>;
+
+/// Most connections being set up at once; more are refused at once, so a
+/// flood of connection attempts cannot exhaust the parent.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// Everything the downlink server needs.
+#[derive(Clone)]
+pub struct DownlinkCtx {
+    /// The node's store.
+    pub store: Arc<Store>,
+    /// The policy in force.
+    pub policy: Arc<Policy>,
+    /// This node.
+    pub node: NodeId,
+    /// Its tier.
+    pub tier: Tier,
+    /// Configured children.
+    pub children: BTreeSet<NodeId>,
+    /// Subtree claims of connected children.
+    pub claims: Claims,
+    /// Shared status.
+    pub status: Arc<LinkStatus>,
+}
+
+/// Accepts children until `shutdown` turns true.
+pub async fn serve(
+    ctx: DownlinkCtx,
+    endpoint: quinn::Endpoint,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = shutdown.changed() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            metrics::counter!("tiersync_link_refused_total", "reason" => "overload").increment(1);
+            incoming.refuse();
+            continue;
+        };
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    metrics::counter!("tiersync_link_refused_total", "reason" => "handshake")
+                        .increment(1);
+                    debug!(%remote, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!("tiersync_link_refused_total", "reason" => "timeout")
+                        .increment(1);
+                    return;
+                }
+            };
+            drop(permit);
+            let peer = match crate::tls::peer_node_id(&conn) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(%remote, error = %e, "refusing a peer without a usable node id in its certificate");
+                    conn.close(2u32.into(), b"certificate names no node id");
+                    return;
+                }
+            };
+            let span = info_span!("downlink", node = %ctx.node, child = %peer, %remote);
+            handle(ctx, conn, peer, shutdown).instrument(span).await;
+        });
+    }
+    endpoint.close(0u32.into(), b"shutdown");
+}
+
+async fn handle(
+    ctx: DownlinkCtx,
+    conn: quinn::Connection,
+    peer: NodeId,
+    shutdown: watch::Receiver<bool>,
+) {
+    let id = peer.to_string();
+    ctx.status.child(&id, |s| s.connected = true);
+    metrics::gauge!("tiersync_link_up", "link" => "child", "peer" => id.clone()).set(1.0);
+    let result = drive(&ctx, &conn, peer, shutdown).await;
+    ctx.status.child(&id, |s| {
+        s.connected = false;
+        if let Err(e) = &result {
+            s.last_error = Some(e.to_string());
+        }
+    });
+    metrics::gauge!("tiersync_link_up", "link" => "child", "peer" => id.clone()).set(0.0);
+    match result {
+        Ok(()) => info!("child link closed"),
+        Err(e) => {
+            metrics::counter!("tiersync_link_errors_total", "link" => "child").increment(1);
+            warn!(error = %e, "child link closed");
+        }
+    }
+}
+
+async fn drive(
+    ctx: &DownlinkCtx,
+    conn: &quinn::Connection,
+    peer: NodeId,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), LinkError> {
+    let (mut send, mut recv) = tokio::select! {
+        s = conn.accept_bi() => s?,
+        _ = tokio::time::sleep(Duration::from_secs(10)) => return Err(LinkError::Closed("no stream opened within 10 s".into())),
+    };
+    let cfg = DownlinkConfig {
+        node: ctx.node.clone(),
+        tier: ctx.tier,
+        policy_digest: ctx.policy.digest(),
+        children: ctx.children.clone(),
+    };
+    let mut session = Downlink::new(cfg, peer.clone());
+    let max = ctx.policy.limits.max_frame_bytes;
+    let mut incarnation = 0u64;
+    let id = peer.to_string();
+    loop {
+        // Reading is the only await in the loop that a shutdown may cut:
+        // a merge in progress completes and is acknowledged first.
+        let frame = tokio::select! {
+            f = read_frame(&mut recv, max) => f,
+            _ = shutdown.changed() => {
+                conn.close(0u32.into(), b"shutdown");
+                return Ok(());
+            }
+        };
+        let (frame, bytes) = match frame {
+            Ok(Some((f, n))) => (f, n as u64),
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                // Garbage or an oversized prefix: drop this link only.
+                conn.close(3u32.into(), b"bad frame");
+                return Err(e);
+            }
+        };
+        session.handle_frame(frame, crate::now_ms(), &ctx.policy);
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                DownlinkEvent::Send(frame) => {
+                    write_frame(&mut send, &frame, max).await?;
+                }
+                DownlinkEvent::Accepted {
+                    child,
+                    incarnation: inc,
+                    subtree,
+                } => {
+                    if let Some((n, other)) = claim(&ctx.claims, &child, &subtree) {
+                        session.refuse(
+                            RefuseReason::Violation,
+                            format!(
+                                "{child} claims {n} in its subtree, but {other} relays for {n}"
+                            ),
+                        );
+                        continue;
+                    }
+                    incarnation = inc;
+                    let store = ctx.store.clone();
+                    let c = child.clone();
+                    let cursor = blocking(move || store.cursor(&c, inc)).await?;
+                    info!(resume_from = cursor, "child accepted");
+                    ctx.status.child(&id, |s| {
+                        s.cursor = cursor;
+                        s.last_error = None;
+                    });
+                    session.cursor_loaded(cursor);
+                }
+                DownlinkEvent::Merge {
+                    items,
+                    cursor,
+                    watermarks,
+                } => {
+                    let n = items.len() as u64;
+                    let mut marks: Vec<(String, u64, u64)> = watermarks
+                        .iter()
+                        .map(|w| (w.origin.to_string(), w.seq, w.hlc.physical_ms))
+                        .collect();
+                    if let Some((seq, hlc)) = cursor {
+                        marks.push((id.clone(), seq, hlc.physical_ms));
+                    }
+                    let store = ctx.store.clone();
+                    let merge = RemoteMerge {
+                        child: peer.clone(),
+                        incarnation,
+                        items,
+                        cursor: cursor.map(|c| (c.0, c.1)),
+                        watermarks,
+                    };
+                    let stats = blocking(move || store.merge_remote(merge)).await?;
+                    metrics::counter!("tiersync_link_batches_total", "link" => "child", "peer" => id.clone()).increment(1);
+                    metrics::counter!("tiersync_link_items_total", "link" => "child", "peer" => id.clone()).increment(n);
+                    metrics::counter!("tiersync_link_bytes_total", "link" => "child", "peer" => id.clone()).increment(bytes);
+                    metrics::counter!("tiersync_merges_total").increment(stats.changed as u64);
+                    for (origin, seq, ms) in marks {
+                        // "Everything `origin` wrote up to `seq` (at time `ms`) is here."
+                        metrics::gauge!("tiersync_origin_watermark_seq", "origin" => origin.clone()).set(seq as f64);
+                        metrics::gauge!("tiersync_origin_complete_up_to_seconds", "origin" => origin).set(ms as f64 / 1000.0);
+                    }
+                    metrics::counter!("tiersync_merge_conflicts_total")
+                        .increment(stats.conflicts as u64);
+                    ctx.status.child(&id, |s| {
+                        s.batches += 1;
+                        s.items += n;
+                        s.changed += stats.changed as u64;
+                        s.conflicts += stats.conflicts as u64;
+                        s.bytes += bytes;
+                        if let Some((seq, _)) = cursor {
+                            s.cursor = s.cursor.max(seq);
+                        }
+                    });
+                    session.merged();
+                }
+                DownlinkEvent::Close { reason } => {
+                    warn!(%reason, "closing child link");
+                    metrics::counter!("tiersync_link_refused_total", "reason" => "session")
+                        .increment(1);
+                    // Let the Refuse frame reach the child before closing.
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                    conn.close(4u32.into(), reason.as_bytes());
+                    return Err(LinkError::Closed(reason));
+                }
+            }
+        }
+    }
+}
+
+/// Records `child`'s subtree claims; returns a node another child already
+/// relays for, if any.
+fn claim(claims: &Claims, child: &NodeId, subtree: &[NodeId]) -> Option<(NodeId, NodeId)> {
+    let mut map = claims.lock().ok()?;
+    for n in subtree {
+        if let Some(other) = map.get(n) {
+            if other != child {
+                return Some((n.clone(), other.clone()));
+            }
+        }
+    }
+    map.retain(|_, c| c != child);
+    for n in subtree {
+        map.insert(n.clone(), child.clone());
+    }
+    None
+}

@@ -1,0 +1,286 @@
+//! The child's driver: dials the parent, reconnects with exponential backoff
+//! and jitter, and pumps an [`Uplink`] session. Local reads and writes never
+//! wait for it: a node with its uplink down keeps serving.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tiersync_protocol::frame::Frame;
+use tiersync_protocol::sync::{Uplink, UplinkConfig, UplinkEvent};
+use tiersync_protocol::{NodeId, Policy, Tier};
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::status::LinkStatus;
+use super::{LinkError, blocking, read_frame, write_frame};
+use crate::config::ParentSection;
+use crate::store::Store;
+
+/// Most batches in flight without an acknowledgement.
+pub const WINDOW: usize = 8;
+/// First reconnect delay.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Everything the uplink driver needs.
+pub struct UplinkCtx {
+    /// The node's store.
+    pub store: Arc<Store>,
+    /// The policy in force.
+    pub policy: Arc<Policy>,
+    /// This node.
+    pub node: NodeId,
+    /// Its tier.
+    pub tier: Tier,
+    /// The parent to dial.
+    pub parent: ParentSection,
+    /// The client endpoint (mutual TLS configured).
+    pub endpoint: quinn::Endpoint,
+    /// The nodes below this one (sent in Hello).
+    pub subtree: Arc<dyn Fn() -> Vec<NodeId> + Send + Sync>,
+    /// Shared status.
+    pub status: Arc<LinkStatus>,
+}
+
+/// Runs the uplink until `shutdown` turns true.
+pub async fn run(ctx: UplinkCtx, mut shutdown: watch::Receiver<bool>) {
+    let span = info_span!("uplink", node = %ctx.node, parent = %ctx.parent.id);
+    async move {
+        let cfg = UplinkConfig {
+            node: ctx.node.clone(),
+            tier: ctx.tier,
+            policy_digest: ctx.policy.digest(),
+            incarnation: ctx.store.incarnation(),
+            window: WINDOW,
+        };
+        let (last, hlc) = *ctx.store.subscribe().borrow();
+        let retained = ctx.store.retained_from().unwrap_or(1);
+        let mut session = Uplink::new(cfg, last, hlc, retained);
+        ctx.status.uplink(|s| {
+            s.parent = ctx.parent.id.to_string();
+            s.addr = ctx.parent.addr.clone();
+            s.state = "connecting".into();
+        });
+        let mut backoff = BACKOFF_MIN;
+        while !*shutdown.borrow() {
+            let result = connect_and_stream(&ctx, &mut session, &mut shutdown, &mut backoff).await;
+            session.disconnected();
+            metrics::gauge!("tiersync_link_up", "link" => "parent", "peer" => ctx.parent.id.to_string()).set(0.0);
+            if *shutdown.borrow() {
+                break;
+            }
+            let err = match result {
+                Ok(()) => "parent closed the link".to_string(),
+                Err(e) => e.to_string(),
+            };
+            warn!(error = %err, retry_in = ?backoff, "uplink down");
+            metrics::counter!("tiersync_link_errors_total", "link" => "parent").increment(1);
+            ctx.status.uplink(|s| {
+                s.state = "down".into();
+                s.last_error = Some(err);
+            });
+            // Full jitter keeps a fleet of cities from reconnecting in step.
+            let delay = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
+            let wake = tokio::time::sleep(delay);
+            tokio::pin!(wake);
+            let mut committed = ctx.store.subscribe();
+            loop {
+                // Local writes go on while the link is down: keep the lag current.
+                report_lag(&ctx, &session, "down");
+                tokio::select! {
+                    _ = &mut wake => break,
+                    _ = shutdown.changed() => break,
+                    r = committed.changed() => if r.is_err() { break },
+                }
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        info!("uplink stopped");
+    }
+    .instrument(span)
+    .await
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| LinkError::Connect(format!("resolving {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| LinkError::Connect(format!("{addr} resolves to no address")))
+}
+
+async fn connect_and_stream(
+    ctx: &UplinkCtx,
+    session: &mut Uplink,
+    shutdown: &mut watch::Receiver<bool>,
+    backoff: &mut Duration,
+) -> Result<(), LinkError> {
+    let addr = resolve(&ctx.parent.addr).await?;
+    ctx.status.uplink(|s| s.state = "connecting".into());
+    let conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        crate::tls::connect(&ctx.endpoint, addr, &ctx.parent.id),
+    )
+    .await
+    .map_err(|_| LinkError::Connect(format!("no answer from {addr} within 10 s")))?
+    .map_err(|e| LinkError::Connect(e.to_string()))?;
+    let (mut send, recv) = conn.open_bi().await?;
+    ctx.status.uplink(|s| {
+        s.state = "handshake".into();
+        s.connects += 1;
+    });
+    debug!(%addr, "connected");
+
+    // A reader task turns the stream into a channel, so the select below is
+    // cancel-safe (read_exact is not).
+    let max = ctx.policy.limits.max_frame_bytes;
+    let (frames_tx, mut frames) = mpsc::channel::<Result<Option<(Frame, usize)>, LinkError>>(16);
+    let reader = tokio::spawn(async move {
+        let mut recv = recv;
+        loop {
+            let r = read_frame(&mut recv, max).await;
+            let stop = !matches!(r, Ok(Some(_)));
+            if frames_tx.send(r).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+    let _reader_guard = AbortOnDrop(reader);
+
+    let mut committed = ctx.store.subscribe();
+    session.connected((ctx.subtree)());
+    let (seq, hlc) = *committed.borrow_and_update();
+    session.changes_available(seq, hlc);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                UplinkEvent::Send(frame) => {
+                    let items = match &frame {
+                        Frame::Batch { items, .. } | Frame::SnapshotChunk { items } => items.len(),
+                        _ => 0,
+                    };
+                    let bytes = write_frame(&mut send, &frame, max).await?;
+                    if matches!(frame, Frame::Batch { .. } | Frame::SnapshotChunk { .. }) {
+                        metrics::counter!("tiersync_link_batches_total", "link" => "parent")
+                            .increment(1);
+                        metrics::counter!("tiersync_link_items_total", "link" => "parent")
+                            .increment(items as u64);
+                        metrics::counter!("tiersync_link_bytes_total", "link" => "parent")
+                            .increment(bytes as u64);
+                        ctx.status.uplink(|s| {
+                            s.batches_sent += 1;
+                            s.items_sent += items as u64;
+                            s.bytes_sent += bytes as u64;
+                        });
+                    }
+                }
+                UplinkEvent::LoadBatch { after, epoch } => {
+                    let store = ctx.store.clone();
+                    let batch = blocking(move || store.load_batch(after)).await?;
+                    session.batch_loaded(epoch, batch);
+                }
+                UplinkEvent::LoadSnapshot { after, epoch } => {
+                    let store = ctx.store.clone();
+                    let first = after.is_none();
+                    let (marks, (items, next)) = blocking(move || {
+                        // Watermarks before items: what they claim is covered
+                        // by the items read after them.
+                        let marks = if first {
+                            store.watermarks()?
+                        } else {
+                            Vec::new()
+                        };
+                        Ok((marks, store.snapshot_chunk(after.as_ref())?))
+                    })
+                    .await?;
+                    session.snapshot_loaded(epoch, items, next, marks);
+                }
+                UplinkEvent::Acked { seq } => {
+                    let store = ctx.store.clone();
+                    blocking(move || store.trim_changelog(seq)).await?;
+                    session.trimmed(seq + 1);
+                }
+                UplinkEvent::Close { reason } => {
+                    conn.close(1u32.into(), reason.as_bytes());
+                    return Err(LinkError::Closed(reason));
+                }
+            }
+        }
+        if session.is_established() {
+            *backoff = super::uplink::BACKOFF_MIN;
+        }
+        let state = if session.in_snapshot() {
+            "snapshot"
+        } else if session.is_established() {
+            "streaming"
+        } else {
+            "handshake"
+        };
+        report_lag(ctx, session, state);
+        tokio::select! {
+            f = frames.recv() => match f {
+                Some(Ok(Some((frame, _)))) => session.handle_frame(frame),
+                Some(Ok(None)) | None => return Ok(()),
+                Some(Err(e)) => return Err(e),
+            },
+            r = committed.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+                let (seq, hlc) = *committed.borrow_and_update();
+                session.changes_available(seq, hlc);
+            }
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => {
+                let _ = send.finish();
+                conn.close(0u32.into(), b"shutdown");
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn report_lag(ctx: &UplinkCtx, session: &Uplink, state: &str) {
+    // The changelog is trimmed only below what the parent acknowledged, so
+    // its start bounds the acknowledged position after a restart too.
+    let retained = ctx.store.retained_from().unwrap_or(1);
+    let acked = session.acked().max(retained.saturating_sub(1));
+    let local = ctx.store.last_seq().unwrap_or(0).max(session.local_last());
+    let lag = local.saturating_sub(acked);
+    let lag_seconds = if lag == 0 {
+        0.0
+    } else {
+        match ctx.store.hlc_of(acked + 1) {
+            Ok(Some(h)) => crate::now_ms().saturating_sub(h.physical_ms) as f64 / 1000.0,
+            _ => 0.0,
+        }
+    };
+    let parent = ctx.parent.id.to_string();
+    metrics::gauge!("tiersync_link_up", "link" => "parent", "peer" => parent.clone())
+        .set(if session.is_established() { 1.0 } else { 0.0 });
+    metrics::gauge!("tiersync_uplink_lag_records", "peer" => parent.clone()).set(lag as f64);
+    metrics::gauge!("tiersync_uplink_lag_seconds", "peer" => parent).set(lag_seconds);
+    ctx.status.uplink(|s| {
+        s.state = state.into();
+        s.acked_seq = acked;
+        s.local_seq = local;
+        s.lag_records = lag;
+        s.lag_seconds = lag_seconds;
+        if session.is_established() {
+            s.last_error = None;
+        }
+    });
+}
+
+/// Aborts a task when dropped.
+pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

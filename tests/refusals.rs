@@ -1,0 +1,396 @@
+//! Every refusal of the replication handshake and of a batch, each on its
+//! own: a real parent process, and a real child process or a hostile
+//! in-process QUIC client that speaks the wire protocol directly.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is the test failure report
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value as Json;
+use tiersync::certs;
+use tiersync::config::TlsSection;
+use tiersync::deploygen::{Spec, free_port};
+use tiersync::link::{read_frame, write_frame};
+use tiersync_protocol::frame::{Frame, PROTOCOL_VERSION, RefuseReason, WireItem};
+use tiersync_protocol::{Hlc, Item, NodeId, Record, Stamp, Tier, Value};
+use tiersync_tests::cluster::Cluster;
+use tiersync_tests::{example_policy, wait_for};
+
+fn cluster() -> Cluster {
+    let mut c = Cluster::new(&Spec {
+        provinces: 1,
+        cities_per_province: 2,
+        ..Spec::default()
+    });
+    c.start("zhejiang");
+    c
+}
+
+/// Writes a node file for a child of zhejiang.
+fn child_config(
+    c: &Cluster,
+    name: &str,
+    id: &str,
+    tier: &str,
+    cert: &str,
+    ca: &Path,
+    policy: &str,
+) -> PathBuf {
+    let parent = tiersync::config::load(&c.config("zhejiang")).expect("parent config");
+    let dir = c.dir.path();
+    let text = format!(
+        "[node]\nid = {id:?}\ntier = {tier:?}\npolicy = {policy:?}\ndata_dir = \"data/{name}\"\n\n\
+         [listen]\npeer = \"127.0.0.1:{}\"\napi = \"127.0.0.1:{}\"\n\n\
+         [parent]\nid = \"zhejiang\"\naddr = \"{}\"\n\n\
+         [tls]\nca = {:?}\ncert = \"certs/{cert}.pem\"\nkey = \"certs/{cert}.key\"\n",
+        free_port().expect("port"),
+        free_port().expect("port"),
+        parent.config.listen.peer,
+        ca.display().to_string(),
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Starts the child and waits until its uplink reports an error containing `needle`.
+fn assert_uplink_error(c: &mut Cluster, name: &str, config: PathBuf, needle: &str) -> String {
+    c.start_with(name, config.clone());
+    let api = tiersync::config::load(&config)
+        .expect("config")
+        .config
+        .listen
+        .api;
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let seen = wait_for(Duration::from_secs(30), || {
+        let mut r = agent.get(&format!("http://{api}/v1/status")).call().ok()?;
+        let s: Json = serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()?;
+        let err = s["links"]["parent"]["last_error"].as_str()?.to_string();
+        err.contains(needle).then_some(err)
+    });
+    seen.unwrap_or_else(|| {
+        panic!(
+            "{name}: uplink never reported {needle:?}; log: {}",
+            c.log(name)
+        )
+    })
+}
+
+fn child_status(c: &Cluster, child: &str) -> Json {
+    c.get("zhejiang", "/v1/status").body["links"]["children"][child].clone()
+}
+
+#[test]
+fn unknown_child_is_refused() {
+    let mut c = cluster();
+    let cert_dir = c.dir.path().join("certs");
+    certs::issue(
+        &cert_dir,
+        &NodeId::new("intruder").unwrap(),
+        Some(Tier::City),
+        30,
+    )
+    .unwrap();
+    let cfg = child_config(
+        &c,
+        "intruder",
+        "intruder",
+        "city",
+        "intruder",
+        &cert_dir.join("ca.pem"),
+        "policy.toml",
+    );
+    let err = assert_uplink_error(&mut c, "intruder", cfg, "UnknownChild");
+    assert!(err.contains("not a configured child"), "{err}");
+    assert!(
+        child_status(&c, "intruder")["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("UnknownChild")
+    );
+}
+
+#[test]
+fn certificate_from_another_ca_is_refused() {
+    let mut c = cluster();
+    let other = c.dir.path().join("other-ca");
+    certs::init_ca(&other).unwrap();
+    certs::issue(
+        &other,
+        &NodeId::new("hangzhou").unwrap(),
+        Some(Tier::City),
+        30,
+    )
+    .unwrap();
+    for ext in ["pem", "key"] {
+        std::fs::copy(
+            other.join(format!("hangzhou.{ext}")),
+            c.dir.path().join(format!("certs/rogue.{ext}")),
+        )
+        .unwrap();
+    }
+    // Trusts the real CA (so the parent's certificate verifies) but presents
+    // a certificate the parent's CA never signed.
+    let cfg = child_config(
+        &c,
+        "rogue",
+        "hangzhou",
+        "city",
+        "rogue",
+        &c.dir.path().join("certs/ca.pem"),
+        "policy.toml",
+    );
+    assert_uplink_error(&mut c, "rogue", cfg, "connect");
+    assert!(
+        child_status(&c, "hangzhou").is_null(),
+        "a link was opened for an unverified certificate"
+    );
+}
+
+#[test]
+fn certificate_of_another_node_is_refused() {
+    let mut c = cluster();
+    // Claims to be ningbo while presenting hangzhou's certificate.
+    let cfg = child_config(
+        &c,
+        "liar",
+        "ningbo",
+        "city",
+        "hangzhou",
+        &c.dir.path().join("certs/ca.pem"),
+        "policy.toml",
+    );
+    let err = assert_uplink_error(&mut c, "liar", cfg, "IdMismatch");
+    assert!(err.contains("certificate is for hangzhou"), "{err}");
+}
+
+#[test]
+fn tier_not_below_parent_is_refused() {
+    let mut c = cluster();
+    let cfg = child_config(
+        &c,
+        "upstart",
+        "hangzhou",
+        "province",
+        "hangzhou",
+        &c.dir.path().join("certs/ca.pem"),
+        "policy.toml",
+    );
+    assert_uplink_error(&mut c, "upstart", cfg, "TierNotBelow");
+}
+
+#[test]
+fn different_policy_is_refused() {
+    let mut c = cluster();
+    let policy = std::fs::read_to_string(c.dir.path().join("policy.toml")).unwrap();
+    std::fs::write(
+        c.dir.path().join("policy-v2.toml"),
+        policy.replace("max_fields = 256", "max_fields = 100"),
+    )
+    .unwrap();
+    let cfg = child_config(
+        &c,
+        "drifted",
+        "hangzhou",
+        "city",
+        "hangzhou",
+        &c.dir.path().join("certs/ca.pem"),
+        "policy-v2.toml",
+    );
+    let err = assert_uplink_error(&mut c, "drifted", cfg, "PolicyMismatch");
+    assert!(err.contains("policy digest"), "{err}");
+}
+
+// ---- a hostile child speaking the wire protocol directly ----
+
+struct Hostile {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+async fn hostile(c: &Cluster, as_node: &str) -> Hostile {
+    let certs = c.dir.path().join("certs");
+    let tls = TlsSection {
+        ca: certs.join("ca.pem"),
+        cert: certs.join(format!("{as_node}.pem")),
+        key: certs.join(format!("{as_node}.key")),
+    };
+    let client = tiersync::tls::quinn_client_config(&tls).unwrap();
+    let endpoint = tiersync::tls::client_endpoint("127.0.0.1:0".parse().unwrap(), client).unwrap();
+    let parent = tiersync::config::load(&c.config("zhejiang"))
+        .unwrap()
+        .config
+        .listen
+        .peer;
+    let conn = tiersync::tls::connect(&endpoint, parent, &NodeId::new("zhejiang").unwrap())
+        .await
+        .unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    Hostile {
+        _endpoint: endpoint,
+        conn,
+        send,
+        recv,
+    }
+}
+
+impl Hostile {
+    async fn send(&mut self, f: &Frame) {
+        write_frame(&mut self.send, f, 1 << 22).await.unwrap();
+    }
+    async fn recv(&mut self) -> Option<Frame> {
+        tokio::time::timeout(Duration::from_secs(10), read_frame(&mut self.recv, 1 << 22))
+            .await
+            .ok()?
+            .ok()?
+            .map(|(f, _)| f)
+    }
+    async fn hello(&mut self, node: &str) {
+        self.send(&Frame::Hello {
+            protocol: PROTOCOL_VERSION,
+            node: NodeId::new(node).unwrap(),
+            tier: Tier::City,
+            policy_digest: example_policy().digest(),
+            incarnation: 7,
+            subtree: vec![],
+        })
+        .await;
+        assert!(matches!(self.recv().await, Some(Frame::Welcome { .. })));
+    }
+}
+
+fn record(category: &str, key: &str, origin: &str, ms: u64) -> WireItem {
+    let mut r = Record::default();
+    r.put(
+        BTreeMap::from([("name".to_string(), Value::Str("forged".into()))]),
+        Stamp {
+            hlc: Hlc {
+                physical_ms: ms,
+                logical: 0,
+            },
+            origin: NodeId::new(origin).unwrap(),
+        },
+    );
+    WireItem {
+        category: category.into(),
+        key: key.into(),
+        item: Item::Record(r),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+/// Sends one batch holding `item` and expects a Violation refusal, and that
+/// the parent stored nothing.
+fn assert_batch_refused(item: WireItem, why: &str) {
+    let c = cluster();
+    let (category, key) = (item.category.clone(), item.key.clone());
+    runtime().block_on(async {
+        let mut h = hostile(&c, "hangzhou").await;
+        h.hello("hangzhou").await;
+        h.send(&Frame::Batch {
+            after: 0,
+            last_seq: 1,
+            upto_hlc: Hlc::ZERO,
+            items: vec![item],
+            watermarks: vec![],
+        })
+        .await;
+        match h.recv().await {
+            Some(Frame::Refuse {
+                reason: RefuseReason::Violation,
+                message,
+            }) => {
+                assert!(message.contains(why), "{message}");
+            }
+            other => panic!("expected a Violation refusal, got {other:?}"),
+        }
+        h.conn.close(0u32.into(), b"done");
+    });
+    assert_eq!(
+        c.get("zhejiang", &format!("/v1/records/{category}/{key}"))
+            .status,
+        404
+    );
+}
+
+#[test]
+fn private_category_frame_is_refused() {
+    assert_batch_refused(
+        record("opportunity", "opp-1", "hangzhou", tiersync::now_ms()),
+        "private",
+    );
+}
+
+#[test]
+fn far_future_stamp_is_refused() {
+    assert_batch_refused(
+        record("customer", "c-9999", "hangzhou", 253_402_300_799_000),
+        "ahead of this node's clock",
+    );
+}
+
+#[test]
+fn forged_origin_is_refused() {
+    assert_batch_refused(
+        record("customer", "c-forged", "ningbo", tiersync::now_ms()),
+        "not the sender or a node of its subtree",
+    );
+}
+
+#[test]
+fn garbage_and_oversized_frames_drop_only_that_link() {
+    let c = cluster();
+    runtime().block_on(async {
+        let mut h = hostile(&c, "hangzhou").await;
+        // A length prefix of 2 GiB: refused before anything is allocated.
+        h.send
+            .write_all(&[0x7f, 0xff, 0xff, 0xff, 1])
+            .await
+            .unwrap();
+        assert!(h.recv().await.is_none(), "the link must be dropped");
+        let mut g = hostile(&c, "ningbo").await;
+        g.send
+            .write_all(&[0, 0, 0, 4, 1, 0xde, 0xad, 0xbe])
+            .await
+            .unwrap();
+        assert!(g.recv().await.is_none(), "the link must be dropped");
+        // Another child is unaffected.
+        let mut ok = hostile(&c, "hangzhou").await;
+        ok.hello("hangzhou").await;
+    });
+    assert_eq!(c.get("zhejiang", "/v1/status").status, 200);
+}
+
+#[test]
+fn unsupported_protocol_version_is_refused() {
+    let c = cluster();
+    runtime().block_on(async {
+        let mut h = hostile(&c, "hangzhou").await;
+        h.send(&Frame::Hello {
+            protocol: PROTOCOL_VERSION + 1,
+            node: NodeId::new("hangzhou").unwrap(),
+            tier: Tier::City,
+            policy_digest: example_policy().digest(),
+            incarnation: 1,
+            subtree: vec![],
+        })
+        .await;
+        assert!(matches!(
+            h.recv().await,
+            Some(Frame::Refuse {
+                reason: RefuseReason::UnsupportedVersion,
+                ..
+            })
+        ));
+    });
+}
