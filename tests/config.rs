@@ -773,6 +773,55 @@ fn parent_cycle() {
     }
 }
 
+#[test]
+fn certificate_of_another_node() {
+    let d = Dir::new();
+    let certs = d.path("certs");
+    tiersync::certs::init_ca(&certs).unwrap();
+    for id in ["national", "zhejiang", "hangzhou"] {
+        let id = tiersync_protocol::NodeId::new(id).unwrap();
+        tiersync::certs::issue(&certs, &id, None, 30).unwrap();
+    }
+    // Each node's own certificate: no problem.
+    assert_eq!(d.check(&small()), vec![]);
+
+    // Hangzhou's file holds Zhejiang's certificate; the CA certificate
+    // stands in for Zhejiang's; national's is unreadable.
+    std::fs::copy(certs.join("zhejiang.pem"), certs.join("hangzhou.pem")).unwrap();
+    std::fs::copy(certs.join("ca.pem"), certs.join("zhejiang.pem")).unwrap();
+    std::fs::write(certs.join("national.pem"), "-----BEGIN NOTHING-----\n").unwrap();
+    let problems = d.check(&small());
+    assert_problem(
+        &problems,
+        &d.path("hangzhou.toml"),
+        "tls.cert",
+        "hangzhou.pem is the certificate of node zhejiang, not hangzhou",
+    );
+    assert_problem(
+        &problems,
+        &d.path("zhejiang.toml"),
+        "tls.cert",
+        "names no node id (it is a CA certificate)",
+    );
+    assert_problem(
+        &problems,
+        &d.path("national.toml"),
+        "tls.cert",
+        "cannot read the certificate: ",
+    );
+    assert!(
+        problems.iter().any(|p| p.reason.contains("national.pem")),
+        "{problems:?}"
+    );
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+
+    // A missing certificate file is left to `tiersync run`.
+    std::fs::remove_file(certs.join("hangzhou.pem")).unwrap();
+    std::fs::remove_file(certs.join("zhejiang.pem")).unwrap();
+    std::fs::remove_file(certs.join("national.pem")).unwrap();
+    assert_eq!(d.check(&small()), vec![]);
+}
+
 // ----------------------------------------------------------------- examples
 
 #[test]

@@ -132,6 +132,9 @@ fn verify(dir: &Path, acked: &[Ack], cycle: usize) {
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect(),
             Some(Item::Log(l)) => l.fields,
+            Some(Item::Counters(_)) => {
+                panic!("cycle {cycle}: {}/{} holds counters", ack.category, ack.key)
+            }
             None => panic!(
                 "cycle {cycle}: acknowledged {} {}/{} (seq {}) is lost",
                 ack.op, ack.category, ack.key, ack.seq

@@ -68,7 +68,7 @@ fn assert_tiers_hold_merge_of_subtree(c: &mut Cluster) {
                 continue;
             }
             for (k, item) in &stores[city.id.as_str()] {
-                if policy.categories[&k.0].replicate != Replicate::Up {
+                if !policy.replicates_up(&k.0) {
                     continue;
                 }
                 match want.get_mut(k) {
@@ -84,7 +84,11 @@ fn assert_tiers_hold_merge_of_subtree(c: &mut Cluster) {
         let have = &stores[n.id.as_str()];
         for k in have.keys() {
             assert_ne!(
-                policy.categories[&k.0].replicate,
+                policy
+                    .categories
+                    .get(&k.0)
+                    .map(|c| c.replicate)
+                    .unwrap_or(Replicate::Up),
                 Replicate::Local,
                 "private item {k:?} reached {}",
                 n.id
@@ -286,5 +290,103 @@ fn a_city_writes_while_its_parent_is_down() {
     assert_eq!(
         c.get("national", "/v1/records/customer/offline-19").status,
         200
+    );
+}
+
+/// Moves `city` from its province to `to` by editing the three node files,
+/// as an operator would.
+fn move_city(c: &Cluster, city: &str, from: &str, to: &str) {
+    let edit = |id: &str, f: &dyn Fn(String) -> String| {
+        let path = c.config(id);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, f(text)).unwrap();
+    };
+    let to_peer = tiersync::config::load(&c.config(to))
+        .unwrap()
+        .config
+        .listen
+        .peer;
+    edit(city, &|t| {
+        let mut out = String::new();
+        let mut in_parent = false;
+        for line in t.lines() {
+            if line.starts_with('[') {
+                in_parent = line == "[parent]";
+            }
+            let line = if in_parent && line.starts_with("id = ") {
+                format!("id = {to:?}")
+            } else if in_parent && line.starts_with("addr = ") {
+                format!("addr = \"{to_peer}\"")
+            } else {
+                line.to_string()
+            };
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
+    });
+    edit(from, &|t| {
+        t.replace(&format!("\"{city}\", "), "")
+            .replace(&format!(", \"{city}\""), "")
+            .replace(&format!("\"{city}\""), "")
+    });
+    edit(to, &|t| {
+        t.replacen("children = [", &format!("children = [\"{city}\", "), 1)
+    });
+}
+
+#[test]
+fn a_city_moved_to_another_province_is_caught_up_there() {
+    let mut c = Cluster::new(&Spec::default());
+    c.start_all();
+    write_city_data(&c, "hangzhou", 10);
+    assert!(c.wait_converged(CONVERGE));
+    // hangzhou's changelog is trimmed now: jiangsu can only learn its data
+    // by snapshot catch-up.
+    for id in ["hangzhou", "zhejiang", "jiangsu"] {
+        c.stop(id);
+    }
+    move_city(&c, "hangzhou", "zhejiang", "jiangsu");
+    let files = c.deployment.config_files();
+    let loaded: Vec<_> = files
+        .iter()
+        .map(|f| tiersync::config::load(f).unwrap())
+        .collect();
+    assert_eq!(
+        tiersync::deployment::check(&loaded),
+        vec![],
+        "the moved deployment must pass config check"
+    );
+    for id in ["zhejiang", "jiangsu", "hangzhou"] {
+        c.start(id);
+    }
+    c.send(
+        "PUT",
+        "hangzhou",
+        "/v1/records/customer/after-move",
+        &json!({"name": "new"}),
+    );
+    assert!(
+        c.wait_converged(CONVERGE),
+        "did not converge after the move"
+    );
+    assert_eq!(
+        c.get("jiangsu", "/v1/records/customer/cust-hangzhou-3")
+            .status,
+        200
+    );
+    assert_eq!(
+        c.get("jiangsu", "/v1/records/customer/after-move").status,
+        200
+    );
+    assert_eq!(
+        c.get("national", "/v1/records/customer/after-move").status,
+        200
+    );
+    // zhejiang keeps what it merged before the move (shared data is never
+    // deleted by a topology change) but gets nothing new.
+    assert_eq!(
+        c.get("zhejiang", "/v1/records/customer/after-move").status,
+        404
     );
 }

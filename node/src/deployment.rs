@@ -2,8 +2,9 @@
 //!
 //! A node file can be valid on its own and still wrong in its deployment: a
 //! parent that does not list its child, two nodes with one id, a cycle, a
-//! policy that differs between nodes. `tiersync config check` loads every
-//! file of a deployment and reports every such problem at once.
+//! policy that differs between nodes, a certificate issued to another node.
+//! `tiersync config check` loads every file of a deployment and reports every
+//! such problem at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -59,7 +60,8 @@ pub fn check(nodes: &[Loaded]) -> Vec<Problem> {
             ("listen.peer", l.config.listen.peer),
             ("listen.api", l.config.listen.api),
         ] {
-            if addr.port() == 0 {
+            // Port 0 picks a free port; 0.0.0.0 binds each node's own host (one pod each).
+            if addr.port() == 0 || addr.ip().is_unspecified() {
                 continue;
             }
             if let Some(prev) = addrs.insert(addr, l) {
@@ -163,7 +165,43 @@ pub fn check(nodes: &[Loaded]) -> Vec<Problem> {
             }
         }
     }
+    for l in nodes {
+        if let Some(reason) = cert_problem(l) {
+            problem(l, "tls.cert", reason);
+        }
+    }
     problems
+}
+
+/// Whether the node's certificate (if its `[tls] cert` file exists) names
+/// another node id than the node's, or cannot be read. A missing file is not
+/// a problem here: certificates are often issued after the configs are
+/// written, and `tiersync run` names the missing file.
+fn cert_problem(l: &Loaded) -> Option<String> {
+    let cert = &l.config.tls.as_ref()?.cert;
+    if !cert.exists() {
+        return None;
+    }
+    let me = &l.config.node.id;
+    match crate::certs::inspect(cert) {
+        Err(e) => Some(format!("cannot read the certificate: {e}")),
+        Ok(info) => match info.node_id {
+            Some(id) if &id == me => None,
+            Some(id) => Some(format!(
+                "{} is the certificate of node {id}, not {me}",
+                cert.display()
+            )),
+            None => Some(format!(
+                "{} names no node id{}: it must be the certificate of {me}",
+                cert.display(),
+                if info.is_ca {
+                    " (it is a CA certificate)"
+                } else {
+                    ""
+                }
+            )),
+        },
+    }
 }
 
 fn short(hex: &str) -> &str {

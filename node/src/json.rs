@@ -323,6 +323,27 @@ pub fn item_view(category: &str, key: &str, item: &Item) -> ItemView {
                 },
             }
         }
+        Item::Counters(c) => {
+            let mut fields = Map::new();
+            fields.insert("aggregate".into(), Json::String(c.aggregate.clone()));
+            fields.insert("group".into(), serde_json::json!(c.group));
+            fields.insert(
+                "values".into(),
+                serde_json::json!(c.values().iter().map(|v| v.to_string()).collect::<Vec<_>>()),
+            );
+            ItemView {
+                category: category.to_string(),
+                key: key.to_string(),
+                kind: "counters".to_string(),
+                deleted: false,
+                fields,
+                meta: ItemMeta {
+                    updated: None,
+                    base: None,
+                    fields: BTreeMap::new(),
+                },
+            }
+        }
     }
 }
 

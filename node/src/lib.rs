@@ -4,12 +4,15 @@
 pub mod api;
 pub mod certs;
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod demo;
 pub mod deploygen;
 pub mod deployment;
 pub mod json;
 pub mod link;
 pub mod node;
+pub mod process;
 pub mod store;
 pub mod tls;
 pub mod writer;

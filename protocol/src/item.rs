@@ -230,6 +230,19 @@ impl Record {
         (self.base.val, &self.base.marker)
     }
 
+    /// The node the record is attributed to (for the `origin` dimension of
+    /// aggregates): the writer of its last PUT, else of its oldest field.
+    pub fn origin(&self) -> Option<&NodeId> {
+        if self.base.val == Base::Put {
+            return Some(&self.base.marker.origin);
+        }
+        self.fields
+            .values()
+            .map(|r| &r.marker)
+            .min()
+            .map(|s| &s.origin)
+    }
+
     /// Every stamp this state holds (base first, if set).
     pub fn stamps(&self) -> impl Iterator<Item = &Stamp> {
         let base = (self.base.val != Base::Empty).then_some(&self.base.marker);
@@ -274,28 +287,38 @@ pub enum Item {
     Record(Record),
     /// A `log` category entry.
     Log(LogEntry),
+    /// Aggregate counters of a private category (see [`crate::aggregate`]).
+    Counters(crate::aggregate::Counters),
 }
 
 impl Item {
+    fn rank(&self) -> u8 {
+        match self {
+            Item::Record(_) => 0,
+            Item::Log(_) => 1,
+            Item::Counters(_) => 2,
+        }
+    }
+
     /// Merges `other` into `self`. Items of different kinds under one key
     /// (only a policy change or a forged frame can do that) are a conflict
-    /// that a log entry always wins: ranking the kinds keeps the merge a
+    /// that the higher-ranked kind wins: ranking the kinds keeps the merge a
     /// join, so it stays associative.
     pub fn merge(&mut self, other: &Item) -> MergeOutcome {
-        match (self, other) {
+        match (&mut *self, other) {
             (Item::Record(a), Item::Record(b)) => a.merge(b),
             (Item::Log(a), Item::Log(b)) => a.merge(b),
-            (mine @ Item::Record(_), theirs @ Item::Log(_)) => {
-                *mine = theirs.clone();
+            (Item::Counters(a), Item::Counters(b)) => a.merge(b),
+            (mine, theirs) => {
+                let theirs_wins = theirs.rank() > mine.rank();
+                if theirs_wins {
+                    *mine = theirs.clone();
+                }
                 MergeOutcome {
-                    changed: true,
+                    changed: theirs_wins,
                     conflict: true,
                 }
             }
-            (Item::Log(_), Item::Record(_)) => MergeOutcome {
-                changed: false,
-                conflict: true,
-            },
         }
     }
 
@@ -304,6 +327,7 @@ impl Item {
         match self {
             Item::Record(r) => r.stamps().max(),
             Item::Log(l) => Some(&l.stamp),
+            Item::Counters(_) => None,
         }
     }
 
@@ -312,6 +336,7 @@ impl Item {
         match self {
             Item::Record(r) => r.stamps().collect(),
             Item::Log(l) => vec![&l.stamp],
+            Item::Counters(_) => Vec::new(),
         }
     }
 

@@ -35,6 +35,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod aggregate;
 pub mod clock;
 pub mod codec;
 pub mod frame;

@@ -279,6 +279,12 @@ impl Policy {
             return Err(invalid("categories", "at least one category is required"));
         }
         for name in self.categories.keys() {
+            if name.starts_with('_') {
+                return Err(invalid(
+                    format!("categories.{name}"),
+                    "names starting with '_' are reserved",
+                ));
+            }
             if !valid_category_name(name) {
                 return Err(invalid(
                     format!("categories.{name}"),
@@ -334,6 +340,16 @@ impl Policy {
     /// The digest as lowercase hex.
     pub fn digest_hex(&self) -> String {
         hex::encode(self.digest())
+    }
+
+    /// Whether items of `category` travel upward: a declared `up` category,
+    /// or the reserved category of private aggregates' counters.
+    pub fn replicates_up(&self, category: &str) -> bool {
+        category == crate::aggregate::COUNTERS_CATEGORY
+            || self
+                .categories
+                .get(category)
+                .is_some_and(|c| c.replicate == Replicate::Up)
     }
 
     /// Looks a category up.

@@ -764,6 +764,9 @@ pub fn validate_item(
     w: &WireItem,
 ) -> Result<(), String> {
     let at = || format!("{}/{}", w.category, w.key);
+    if w.category == crate::aggregate::COUNTERS_CATEGORY {
+        return validate_counters(policy, origin_allowed, w);
+    }
     let cat = policy
         .category(&w.category)
         .map_err(|e| format!("{}: {e}", at()))?;
@@ -805,6 +808,53 @@ pub fn validate_item(
         if s.hlc.physical_ms > limit {
             return Err(format!("{}: {}", at(), future_msg(s.hlc, now_ms, policy)));
         }
+    }
+    Ok(())
+}
+
+/// Checks received aggregate counters: the aggregate is declared over a
+/// private category, the key is the one its group maps to, the shape fits
+/// the definition, and every actor is the sender or in its subtree.
+fn validate_counters(
+    policy: &Policy,
+    origin_allowed: impl Fn(&NodeId) -> bool,
+    w: &WireItem,
+) -> Result<(), String> {
+    let at = format!("{}/{}", w.category, w.key);
+    let Item::Counters(c) = &w.item else {
+        return Err(format!(
+            "{at}: only aggregate counters belong to this category"
+        ));
+    };
+    let def = policy
+        .aggregates
+        .get(&c.aggregate)
+        .ok_or_else(|| format!("{at}: no aggregate named {:?} is declared", c.aggregate))?;
+    let compiled =
+        crate::aggregate::Compiled::new(&c.aggregate, def).map_err(|e| format!("{at}: {e}"))?;
+    let private = policy
+        .categories
+        .get(&compiled.source)
+        .is_some_and(|s| s.replicate == Replicate::Local);
+    if !private {
+        return Err(format!(
+            "{at}: counters travel only for aggregates over private categories"
+        ));
+    }
+    if c.group.len() != compiled.dims.len() || c.measures.len() != compiled.measures.len() {
+        return Err(format!(
+            "{at}: counters do not fit the definition of {}",
+            c.aggregate
+        ));
+    }
+    if w.key != compiled.counters_key(&c.group) {
+        return Err(format!("{at}: key does not match the counters' group"));
+    }
+    policy.check_key(&w.key).map_err(|e| format!("{at}: {e}"))?;
+    if let Some(bad) = c.actors().into_iter().find(|a| !origin_allowed(a)) {
+        return Err(format!(
+            "{at}: counter actor {bad} is not the sender or a node of its subtree"
+        ));
     }
     Ok(())
 }

@@ -2,9 +2,8 @@
 //! temp dir, with a small blocking HTTP client for their APIs.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use serde_json::Value as Json;
@@ -84,27 +83,14 @@ impl Cluster {
             .append(true)
             .open(self.dir.path().join("logs").join(format!("{id}.log")))
             .expect("log file");
-        let mut child = Command::new(workspace_bin("tiersync"))
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info,tiersync=debug")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn tiersync run");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.starts_with("ready ") => {}
-            other => panic!("{id} did not start: {other:?}; log: {}", self.log(id)),
-        }
+        let child = tiersync::process::spawn_node(
+            &workspace_bin("tiersync"),
+            &config,
+            log,
+            &[("RUST_LOG", "info,tiersync=debug")],
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{id} did not start: {e}; log: {}", self.log(id)));
         self.procs.insert(id.to_string(), child);
     }
 
@@ -125,10 +111,7 @@ impl Cluster {
     /// SIGTERM, and wait for a clean exit.
     pub fn stop(&mut self, id: &str) {
         if let Some(mut c) = self.procs.remove(id) {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
+            let _ = tiersync::process::terminate(c.id());
             let exited = wait_for(Duration::from_secs(30), || c.try_wait().ok().flatten());
             match exited {
                 Some(status) => assert!(

@@ -34,6 +34,7 @@
 //! province writing `opportunity` keeps that data at the province, exactly as
 //! a city does. Nothing is refused by tier; the policy is the only gate.
 
+mod aggregates;
 pub mod error;
 mod records;
 mod views;
@@ -57,6 +58,7 @@ use tiersync_protocol::{Category, NodeId, Tier};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
+pub use aggregates::{AggregateInfo, AggregateResult, AggregateRow};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use records::{BulkReport, LineError, ScanPage, WriteResult};
 pub use views::{CategoryStatus, CustomerView, RelatedItems, StatusView};
@@ -146,6 +148,8 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/customers/", any(records::empty_key))
         .route("/v1/customers/{id}", get(views::customer))
+        .route("/v1/aggregates", get(aggregates::list))
+        .route("/v1/aggregates/{name}", get(aggregates::query))
         .route("/v1/status", get(views::status))
         .route("/v1/openapi.json", get(views::openapi))
         .route("/metrics", get(views::metrics))
@@ -185,6 +189,8 @@ pub async fn serve(
         records::scan,
         records::bulk,
         views::customer,
+        aggregates::list,
+        aggregates::query,
         views::status,
         views::openapi,
         views::metrics,
@@ -192,6 +198,7 @@ pub async fn serve(
     tags(
         (name = "records", description = "Items of the policy's categories"),
         (name = "views", description = "Unified customer view"),
+        (name = "aggregates", description = "Grouped counts and sums, with drill-down"),
         (name = "ops", description = "Status, metrics and this document"),
     )
 )]

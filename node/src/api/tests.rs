@@ -806,7 +806,8 @@ async fn status_metrics_and_openapi() {
     assert_eq!(s["node_id"], "city-a");
     assert_eq!(s["tier"], "city");
     assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(s["last_seq"], 4);
+    // 4 writes, plus the counters entry of the private opportunity aggregate.
+    assert_eq!(s["last_seq"], 5);
     assert_eq!(s["policy_digest"], shipped_policy().digest_hex());
     assert_eq!(
         s["categories"]["customer"],
@@ -858,6 +859,8 @@ async fn status_metrics_and_openapi() {
         ("/v1/records/{category}", "GET"),
         ("/v1/records/{category}", "POST"),
         ("/v1/customers/{id}", "GET"),
+        ("/v1/aggregates", "GET"),
+        ("/v1/aggregates/{name}", "GET"),
         ("/v1/status", "GET"),
         ("/v1/openapi.json", "GET"),
         ("/metrics", "GET"),
@@ -870,7 +873,8 @@ async fn status_metrics_and_openapi() {
         let concrete = path
             .replace("{category}", "customer")
             .replace("{key}", "c-1")
-            .replace("{id}", "c-1");
+            .replace("{id}", "c-1")
+            .replace("{name}", "billing_by_city_month");
         let r = n
             .call(method, &concrete, Some(b"{\"a\": 1}".to_vec()))
             .await;

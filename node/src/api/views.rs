@@ -62,6 +62,7 @@ fn field_of<'a>(item: &'a Item, field: &str) -> Option<&'a Value> {
     match item {
         Item::Record(r) => r.document().get(field).copied(),
         Item::Log(l) => l.fields.get(field),
+        Item::Counters(_) => None,
     }
 }
 

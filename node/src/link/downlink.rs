@@ -104,7 +104,12 @@ async fn handle(
     let id = peer.to_string();
     ctx.status.child(&id, |s| s.connected = true);
     metrics::gauge!("tiersync_link_up", "link" => "child", "peer" => id.clone()).set(1.0);
-    let result = drive(&ctx, &conn, peer, shutdown).await;
+    let result = drive(&ctx, &conn, peer.clone(), shutdown).await;
+    // Only connected children's claims count: a child that went away (or
+    // lost a city to another province) must not block the new relay.
+    if let Ok(mut map) = ctx.claims.lock() {
+        map.retain(|_, c| *c != peer);
+    }
     ctx.status.child(&id, |s| {
         s.connected = false;
         if let Err(e) = &result {

@@ -37,6 +37,14 @@ pub fn cursor_key(child: &tiersync_protocol::NodeId) -> Vec<u8> {
     [CURSOR_PREFIX, child.as_str().as_bytes()].concat()
 }
 
+/// Prefix of "which child relays for this origin" in the `cursors` column family.
+pub const RELAY_PREFIX: &[u8] = b"s/";
+
+/// The key of an origin's relaying child.
+pub fn relay_key(origin: &tiersync_protocol::NodeId) -> Vec<u8> {
+    [RELAY_PREFIX, origin.as_str().as_bytes()].concat()
+}
+
 /// The key of an origin's watermark.
 pub fn watermark_key(origin: &tiersync_protocol::NodeId) -> Vec<u8> {
     [WATERMARK_PREFIX, origin.as_str().as_bytes()].concat()

@@ -18,6 +18,7 @@ use rocksdb::{
     WriteOptions,
 };
 use serde::{Deserialize, Serialize};
+use tiersync_protocol::aggregate::{COUNTERS_CATEGORY, Compiled, Counters, GroupKey};
 use tiersync_protocol::codec::{self, CodecError};
 use tiersync_protocol::frame::{Watermark, WireItem};
 use tiersync_protocol::policy::Replicate;
@@ -276,6 +277,10 @@ pub struct Store {
     policy: Arc<Policy>,
     durability: Durability,
     incarnation: u64,
+    /// This node (the actor of its private aggregates' counters).
+    node: NodeId,
+    /// The policy's aggregates, parsed once.
+    aggs: Vec<Compiled>,
     writer: Mutex<WriterState>,
     /// The last committed sequence number and its HLC, for the uplink.
     committed: watch::Sender<(u64, Hlc)>,
@@ -354,16 +359,24 @@ impl Store {
                 inc
             }
         };
+        let aggs = Compiled::all(&policy);
         let store = Self {
             db,
             policy,
             durability,
             incarnation,
+            node: node.clone(),
+            aggs,
             writer: Mutex::new(WriterState {
                 clock: HlcClock::resume(node, hlc),
                 last_seq,
             }),
             committed: watch::channel((0, Hlc::ZERO)).0,
+        };
+        store.rebuild_changed_aggregates()?;
+        let (last_seq, hlc) = {
+            let st = store.lock()?;
+            (st.last_seq, st.clock.last())
         };
         let last_hlc = store.hlc_of(last_seq)?.unwrap_or(hlc);
         store.committed.send_replace((last_seq, last_hlc));
@@ -471,6 +484,7 @@ impl Store {
             });
         }
         let current = self.get(category, key)?;
+        let old = current.clone();
         let mut clock = state.clock.clone();
         let stamp = clock.tick(now_ms);
         let (category, key) = (category.to_string(), key.to_string());
@@ -519,8 +533,10 @@ impl Store {
                 max,
             });
         }
-        let seq = state.last_seq + 1;
+        let mut seq = state.last_seq + 1;
         let mut batch = WriteBatch::default();
+        let mut aggs = AggPending::default();
+        self.account(&mut aggs, &category, old.as_ref(), Some(&item))?;
         batch.put_cf(self.cf(CF_DATA)?, data_key(&category, &key), value);
         let entry = ChangeEntry {
             change: Change::Item { category, key },
@@ -531,6 +547,10 @@ impl Store {
             seq_key(seq),
             encode(CF_CHANGELOG, &entry)?,
         );
+        let item_seq = seq;
+        // Aggregates follow in the same batch (a private aggregate's counters
+        // get their own changelog entry, after the item's).
+        self.flush_aggregates(&mut batch, aggs, &mut seq, stamp.hlc)?;
         batch.put_cf(self.cf(CF_META)?, META_SEQ, encode(CF_META, &seq)?);
         batch.put_cf(self.cf(CF_META)?, META_HLC, encode(CF_META, &clock.last())?);
         // Not synced here: `apply` syncs the WAL once for the whole group.
@@ -538,7 +558,7 @@ impl Store {
         state.clock = clock;
         state.last_seq = seq;
         Ok(Applied {
-            seq: Some(seq),
+            seq: Some(item_seq),
             stamp,
         })
     }
@@ -681,11 +701,7 @@ impl Store {
             let entry: ChangeEntry = decode(CF_CHANGELOG, &v)?;
             match entry.change {
                 Change::Item { category, key } => {
-                    let up = self
-                        .policy
-                        .categories
-                        .get(&category)
-                        .is_some_and(|c| c.replicate == Replicate::Up);
+                    let up = self.policy.replicates_up(&category);
                     if up && !seen.contains(&(category.clone(), key.clone())) {
                         if items.len() >= limits.max_batch_items {
                             break;
@@ -748,11 +764,7 @@ impl Store {
             let Some((category, key)) = split_data_key(&k) else {
                 continue;
             };
-            let up = self
-                .policy
-                .categories
-                .get(category)
-                .is_some_and(|c| c.replicate == Replicate::Up);
+            let up = self.policy.replicates_up(category);
             if !up {
                 continue;
             }
@@ -812,6 +824,7 @@ impl Store {
         let mut clock = state.clock.clone();
         let mut seq = state.last_seq;
         let mut batch = WriteBatch::default();
+        let mut aggs = AggPending::default();
         let mut stats = MergeStats {
             received: m.items.len(),
             ..MergeStats::default()
@@ -827,6 +840,7 @@ impl Store {
                 Some(item) => Some(item),
                 None => self.get(&k.0, &k.1)?,
             };
+            let old = current.clone();
             let (merged, out) = match current {
                 Some(mut mine) => {
                     let out = mine.merge(&w.item);
@@ -846,6 +860,7 @@ impl Store {
             }
             if out.changed {
                 stats.changed += 1;
+                self.account(&mut aggs, &k.0, old.as_ref(), Some(&merged))?;
                 seq += 1;
                 batch.put_cf(
                     self.cf(CF_DATA)?,
@@ -887,6 +902,8 @@ impl Store {
             });
         }
         for w in marks {
+            // Which child relays for each node of its subtree (for drill-down).
+            batch.put_cf(self.cf(CF_CURSORS)?, relay_key(&w.origin), m.child.as_str());
             let key = watermark_key(&w.origin);
             let cur: Option<Watermark> = self
                 .db
@@ -908,6 +925,7 @@ impl Store {
                 );
             }
         }
+        self.flush_aggregates(&mut batch, aggs, &mut seq, clock.last())?;
         batch.put_cf(self.cf(CF_META)?, META_SEQ, encode(CF_META, &seq)?);
         batch.put_cf(self.cf(CF_META)?, META_HLC, encode(CF_META, &clock.last())?);
         self.db.write_opt(batch, &self.sync_if_durable())?;
@@ -918,6 +936,282 @@ impl Store {
             self.committed.send_replace((seq, state.clock.last()));
         }
         Ok(stats)
+    }
+
+    /// The aggregates of the policy, parsed.
+    pub fn aggregates(&self) -> &[Compiled] {
+        &self.aggs
+    }
+
+    fn source_is_private(&self, agg: &Compiled) -> bool {
+        self.policy
+            .categories
+            .get(&agg.source)
+            .is_some_and(|c| c.replicate == Replicate::Local)
+    }
+
+    /// Moves an item's old contribution out of, and its new one into, every
+    /// aggregate over `category` (staged in `pending`, written by
+    /// [`Store::flush_aggregates`] into the same WriteBatch).
+    fn account(
+        &self,
+        pending: &mut AggPending,
+        category: &str,
+        old: Option<&Item>,
+        new: Option<&Item>,
+    ) -> Result<(), StoreError> {
+        for (i, agg) in self
+            .aggs
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.source == category)
+        {
+            let before = old.and_then(|o| agg.contribution(o));
+            let after = new.and_then(|n| agg.contribution(n));
+            if before == after {
+                continue;
+            }
+            for (contribution, sign) in [(before, -1i128), (after, 1)] {
+                let Some((group, values)) = contribution else {
+                    continue;
+                };
+                let delta: Vec<i128> = values.iter().map(|v| v * sign).collect();
+                if self.source_is_private(agg) {
+                    let key = agg.counters_key(&group);
+                    if !pending.counters.contains_key(&key) {
+                        let cur = match self.get(COUNTERS_CATEGORY, &key)? {
+                            Some(Item::Counters(c)) => c,
+                            _ => Counters::new(&agg.name, group.clone(), agg.measures.len()),
+                        };
+                        pending.counters.insert(key.clone(), cur);
+                    }
+                    if let Some(c) = pending.counters.get_mut(&key) {
+                        c.add(&self.node, &delta);
+                    }
+                } else {
+                    let key = agg_row_key(agg, &group)?;
+                    let row = match pending.rows.remove(&key) {
+                        Some((_, r)) => r,
+                        None => self
+                            .agg_row(&key)?
+                            .unwrap_or_else(|| vec![0; agg.measures.len()]),
+                    };
+                    let row: Vec<i128> = row.iter().zip(&delta).map(|(a, d)| a + d).collect();
+                    pending.rows.insert(key, (i, row));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn agg_row(&self, key: &[u8]) -> Result<Option<Vec<i128>>, StoreError> {
+        self.db
+            .get_pinned_cf(self.cf(CF_AGGREGATES)?, key)?
+            .map(|b| decode::<AggRow>(CF_AGGREGATES, &b).map(|r| r.values))
+            .transpose()
+    }
+
+    /// Writes staged aggregate changes into `batch`: rows of shared
+    /// aggregates, and the counters items of private ones (with changelog
+    /// entries, so they travel up like any shared item).
+    fn flush_aggregates(
+        &self,
+        batch: &mut WriteBatch,
+        pending: AggPending,
+        seq: &mut u64,
+        hlc: Hlc,
+    ) -> Result<(), StoreError> {
+        for (key, (i, values)) in pending.rows {
+            let group = self
+                .aggs
+                .get(i)
+                .map(|a| a.name.as_str())
+                .unwrap_or_default();
+            if values.iter().all(|v| *v == 0) {
+                batch.delete_cf(self.cf(CF_AGGREGATES)?, &key);
+            } else {
+                let row = AggRow {
+                    group: decode_row_group(&key, group)?,
+                    values,
+                };
+                batch.put_cf(self.cf(CF_AGGREGATES)?, &key, encode(CF_AGGREGATES, &row)?);
+            }
+        }
+        for (key, counters) in pending.counters {
+            batch.put_cf(
+                self.cf(CF_DATA)?,
+                data_key(COUNTERS_CATEGORY, &key),
+                encode(CF_DATA, &Item::Counters(counters))?,
+            );
+            *seq += 1;
+            let entry = ChangeEntry {
+                change: Change::Item {
+                    category: COUNTERS_CATEGORY.to_string(),
+                    key,
+                },
+                hlc,
+            };
+            batch.put_cf(
+                self.cf(CF_CHANGELOG)?,
+                seq_key(*seq),
+                encode(CF_CHANGELOG, &entry)?,
+            );
+        }
+        Ok(())
+    }
+
+    /// The rows of an aggregate: group and one value per measure (sums in
+    /// fixed point). Reads only aggregate state, never the source data.
+    pub fn aggregate_rows(&self, agg: &Compiled) -> Result<Vec<(GroupKey, Vec<i128>)>, StoreError> {
+        let mut out = Vec::new();
+        if self.source_is_private(agg) {
+            let prefix = agg.counters_prefix();
+            let mut after: Option<String> = None;
+            loop {
+                let page = self.scan(COUNTERS_CATEGORY, &prefix, after.as_deref(), 1024, true)?;
+                for (_, item) in &page.items {
+                    if let Item::Counters(c) = item {
+                        out.push((c.group.clone(), c.values()));
+                    }
+                }
+                match page.next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+        } else {
+            let prefix = agg_row_prefix(agg);
+            for kv in self.db.iterator_cf(
+                self.cf(CF_AGGREGATES)?,
+                IteratorMode::From(&prefix, Direction::Forward),
+            ) {
+                let (k, v) = kv?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let row: AggRow = decode(CF_AGGREGATES, &v)?;
+                out.push((row.group, row.values));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The child through which `origin`'s data arrives here, if known.
+    pub fn relay_of(&self, origin: &NodeId) -> Result<Option<NodeId>, StoreError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_CURSORS)?, relay_key(origin))?
+            .and_then(|b| {
+                std::str::from_utf8(&b)
+                    .ok()
+                    .and_then(|s| NodeId::new(s).ok())
+            }))
+    }
+
+    /// Rebuilds every aggregate whose definition changed since it was last
+    /// built (or that was never built), from the node's own data.
+    fn rebuild_changed_aggregates(&self) -> Result<(), StoreError> {
+        for agg in &self.aggs {
+            let meta_key = format!("agg/{}", agg.name);
+            let built = self
+                .db
+                .get_pinned_cf(self.cf(CF_META)?, meta_key.as_bytes())?;
+            if built.as_deref() == Some(agg.digest.as_bytes()) {
+                continue;
+            }
+            let mut state = self.lock()?;
+            let mut batch = WriteBatch::default();
+            let mut pending = AggPending::default();
+            let mut n = 0u64;
+            let private = self.source_is_private(agg);
+            if !private {
+                // Rows of every earlier definition of this name go.
+                let prefix = [agg.name.as_bytes(), &[0u8]].concat();
+                let mut end = agg.name.as_bytes().to_vec();
+                end.push(1);
+                batch.delete_range_cf(self.cf(CF_AGGREGATES)?, &prefix, &end);
+            }
+            tracing::info!(aggregate = %agg.name, source = %agg.source, "rebuilding aggregate from this node's data");
+            let mut totals: BTreeMap<GroupKey, Vec<i128>> = BTreeMap::new();
+            let start = data_prefix(&agg.source, "");
+            for kv in self.db.iterator_cf(
+                self.cf(CF_DATA)?,
+                IteratorMode::From(&start, Direction::Forward),
+            ) {
+                let (k, v) = kv?;
+                if !k.starts_with(&start) {
+                    break;
+                }
+                let item: Item = decode(CF_DATA, &v)?;
+                // Private items count only where they were written.
+                if private && !item.stamps().iter().any(|s| s.origin == self.node) {
+                    continue;
+                }
+                if let Some((group, values)) = agg.contribution(&item) {
+                    let t = totals.entry(group).or_insert_with(|| vec![0; values.len()]);
+                    t.iter_mut().zip(&values).for_each(|(a, b)| *a += b);
+                }
+                n += 1;
+                if n.is_multiple_of(1_000_000) {
+                    tracing::info!(aggregate = %agg.name, items = n, "rebuilding");
+                }
+            }
+            let i = self
+                .aggs
+                .iter()
+                .position(|a| a.name == agg.name)
+                .unwrap_or(0);
+            if private {
+                // Set this node's own share of every counter to its total.
+                let mut existing = Vec::new();
+                let page = self.scan(
+                    COUNTERS_CATEGORY,
+                    &agg.counters_prefix(),
+                    None,
+                    usize::MAX,
+                    true,
+                )?;
+                for (key, item) in page.items {
+                    if let Item::Counters(c) = item {
+                        existing.push((key, c));
+                    }
+                }
+                for (key, c) in existing {
+                    let target = totals
+                        .remove(&c.group)
+                        .unwrap_or_else(|| vec![0; agg.measures.len()]);
+                    let mine = c.value_of(&self.node);
+                    let delta: Vec<i128> = target.iter().zip(&mine).map(|(t, m)| t - m).collect();
+                    if delta.iter().any(|d| *d != 0) {
+                        let mut c = c;
+                        c.add(&self.node, &delta);
+                        pending.counters.insert(key, c);
+                    }
+                }
+                for (group, target) in totals {
+                    let mut c = Counters::new(&agg.name, group.clone(), agg.measures.len());
+                    c.add(&self.node, &target);
+                    pending.counters.insert(agg.counters_key(&group), c);
+                }
+            } else {
+                for (group, values) in totals {
+                    pending.rows.insert(agg_row_key(agg, &group)?, (i, values));
+                }
+            }
+            let mut seq = state.last_seq;
+            let hlc = state.clock.last();
+            self.flush_aggregates(&mut batch, pending, &mut seq, hlc)?;
+            batch.put_cf(self.cf(CF_META)?, META_SEQ, encode(CF_META, &seq)?);
+            batch.put_cf(
+                self.cf(CF_META)?,
+                meta_key.as_bytes(),
+                agg.digest.as_bytes(),
+            );
+            self.db.write_opt(batch, &sync_opts())?;
+            state.last_seq = seq;
+            tracing::info!(aggregate = %agg.name, items = n, "aggregate rebuilt");
+        }
+        Ok(())
     }
 
     /// Calls `f` for every stored item (tombstones included), in key order.
@@ -937,6 +1231,40 @@ impl Store {
         self.db.flush()?;
         Ok(())
     }
+}
+
+/// Aggregate changes staged for one WriteBatch.
+#[derive(Default)]
+struct AggPending {
+    /// Row key → (aggregate index, new values).
+    rows: BTreeMap<Vec<u8>, (usize, Vec<i128>)>,
+    /// Counters key → new counters.
+    counters: BTreeMap<String, Counters>,
+}
+
+/// A stored row of a shared aggregate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AggRow {
+    group: GroupKey,
+    values: Vec<i128>,
+}
+
+fn agg_row_prefix(agg: &Compiled) -> Vec<u8> {
+    [agg.name.as_bytes(), &[0], agg.digest.as_bytes(), &[0]].concat()
+}
+
+fn agg_row_key(agg: &Compiled, group: &GroupKey) -> Result<Vec<u8>, StoreError> {
+    Ok([agg_row_prefix(agg), encode(CF_AGGREGATES, group)?].concat())
+}
+
+/// The group of a row key (after the `name 0 digest 0` prefix).
+fn decode_row_group(key: &[u8], name: &str) -> Result<GroupKey, StoreError> {
+    let rest = key.get(name.len() + 1..).unwrap_or_default();
+    let at = rest
+        .iter()
+        .position(|b| *b == 0)
+        .map_or(rest.len(), |p| p + 1);
+    decode(CF_AGGREGATES, &rest[at..])
 }
 
 fn record_of(current: Option<Item>) -> Record {

@@ -70,6 +70,7 @@ fn visible(store: &Store, cat: &str, key: &str) -> Option<BTreeMap<String, Value
                 .collect(),
         ),
         Item::Log(l) => Some(l.fields),
+        Item::Counters(_) => None,
     }
 }
 

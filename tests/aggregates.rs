@@ -1,0 +1,306 @@
+//! Aggregates on a 3-tier topology: generated data at every city, updates,
+//! deletes, concurrent edits of one record in two provinces, and batches
+//! re-delivered after a province is killed mid-stream. Every aggregate at
+//! every node must equal a from-scratch recomputation over the raw data its
+//! subtree wrote; private items must stay at their city while their counts
+//! are right at province and national.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is the test failure report
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Value as Json, json};
+use tiersync::config::Durability;
+use tiersync::deploygen::Spec;
+use tiersync::store::Store;
+use tiersync_protocol::aggregate::{Compiled, GroupKey, SCALE};
+use tiersync_protocol::policy::{Measure, Replicate};
+use tiersync_protocol::{Item, Tier};
+use tiersync_tests::cluster::Cluster;
+use tiersync_tests::example_policy;
+
+type Items = BTreeMap<(String, String), Item>;
+
+fn read_store(c: &Cluster, id: &str) -> Items {
+    let node = c.deployment.node(id).unwrap();
+    let store = Store::open(
+        &node.data_dir,
+        node.id.clone(),
+        example_policy(),
+        Durability::Fsync,
+    )
+    .unwrap();
+    let mut out = Items::new();
+    store
+        .for_each_item(|cat, key, item| {
+            out.insert((cat.to_string(), key.to_string()), item);
+        })
+        .unwrap();
+    out
+}
+
+fn cities_below(c: &Cluster, id: &str) -> Vec<String> {
+    c.deployment
+        .nodes
+        .iter()
+        .filter(|n| n.tier == Tier::City)
+        .filter(|n| {
+            let mut up = Some(n.id.clone());
+            while let Some(p) = up {
+                if p.as_str() == id {
+                    return true;
+                }
+                up = c.deployment.node(p.as_str()).and_then(|m| m.parent.clone());
+            }
+            false
+        })
+        .map(|n| n.id.to_string())
+        .collect()
+}
+
+/// The expected rows of `agg` at node `id`, from the cities' raw data.
+fn expected(
+    c: &Cluster,
+    cities: &BTreeMap<String, Items>,
+    agg: &Compiled,
+    id: &str,
+) -> BTreeMap<GroupKey, Vec<i128>> {
+    let policy = example_policy();
+    let private = policy.categories[&agg.source].replicate == Replicate::Local;
+    let mut items: Vec<Item> = Vec::new();
+    if private {
+        for city in cities_below(c, id) {
+            items.extend(
+                cities[&city]
+                    .iter()
+                    .filter(|(k, _)| k.0 == agg.source)
+                    .map(|(_, i)| i.clone()),
+            );
+        }
+    } else {
+        let mut merged: Items = Items::new();
+        for city in cities_below(c, id) {
+            for (k, item) in cities[&city].iter().filter(|(k, _)| k.0 == agg.source) {
+                match merged.get_mut(k) {
+                    Some(m) => {
+                        m.merge(item);
+                    }
+                    None => {
+                        merged.insert(k.clone(), item.clone());
+                    }
+                }
+            }
+        }
+        items.extend(merged.into_values());
+    }
+    let mut rows: BTreeMap<GroupKey, Vec<i128>> = BTreeMap::new();
+    for item in &items {
+        if let Some((g, v)) = agg.contribution(item) {
+            let acc = rows.entry(g).or_insert_with(|| vec![0; v.len()]);
+            acc.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
+        }
+    }
+    rows.retain(|_, v| v.iter().any(|x| *x != 0));
+    rows
+}
+
+fn as_json(agg: &Compiled, rows: &BTreeMap<GroupKey, Vec<i128>>) -> Vec<Json> {
+    rows.iter()
+        .map(|(g, v)| {
+            let group: BTreeMap<&str, Option<&str>> = agg
+                .dim_names
+                .iter()
+                .map(String::as_str)
+                .zip(g.iter().map(|x| x.as_deref()))
+                .collect();
+            let values: BTreeMap<&str, Json> = agg
+                .measure_names
+                .iter()
+                .map(String::as_str)
+                .zip(agg.measures.iter().zip(v).map(|(m, v)| match m {
+                    Measure::Count => json!(*v as i64),
+                    Measure::Sum(_) => json!(*v as f64 / SCALE as f64),
+                }))
+                .collect();
+            json!({"group": group, "values": values})
+        })
+        .collect()
+}
+
+fn load(c: &Cluster, city: &str, customers: usize) {
+    for (category, lines) in tiersync::demo::city_data(city, customers, 7) {
+        let r = c.bulk(city, category, &lines);
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+}
+
+#[test]
+fn aggregates_match_a_recomputation_at_every_node() {
+    let mut c = Cluster::new(&Spec::default());
+    c.start_all();
+    let cities: Vec<String> = c
+        .deployment
+        .nodes
+        .iter()
+        .filter(|n| n.tier == Tier::City)
+        .map(|n| n.id.to_string())
+        .collect();
+    for city in &cities {
+        load(&c, city, 30);
+    }
+    // Kill a province while its batches are in flight: unacknowledged batches
+    // are delivered again after the restart.
+    c.kill("zhejiang");
+    load(&c, &cities[0], 35);
+    c.start("zhejiang");
+    for city in &cities {
+        // Updates move items between groups; deletes take them out.
+        for i in 0..5 {
+            let key = format!("{city}-c{i:06}");
+            assert_eq!(
+                c.send(
+                    "PATCH",
+                    city,
+                    &format!("/v1/records/customer/{key}"),
+                    &json!({"segment": "diamond"})
+                )
+                .status,
+                200
+            );
+        }
+        for i in 5..8 {
+            assert_eq!(
+                c.send(
+                    "DELETE",
+                    city,
+                    &format!("/v1/records/customer/{city}-c{i:06}"),
+                    &json!(null)
+                )
+                .status,
+                200
+            );
+        }
+        let opps = c.get(city, "/v1/records/opportunity?limit=4").body;
+        for item in opps["items"].as_array().unwrap() {
+            let key = item["key"].as_str().unwrap();
+            assert_eq!(
+                c.send(
+                    "PATCH",
+                    city,
+                    &format!("/v1/records/opportunity/{key}"),
+                    &json!({"stage": "won"})
+                )
+                .status,
+                200
+            );
+        }
+        let acts = c.get(city, "/v1/records/service_activity?limit=2").body;
+        for item in acts["items"].as_array().unwrap() {
+            let key = item["key"].as_str().unwrap();
+            assert_eq!(
+                c.send(
+                    "DELETE",
+                    city,
+                    &format!("/v1/records/service_activity/{key}"),
+                    &json!(null)
+                )
+                .status,
+                200
+            );
+        }
+    }
+    // One customer edited concurrently in two provinces counts once.
+    let (a, b) = (&cities[0], &cities[2]);
+    c.send(
+        "PUT",
+        a,
+        "/v1/records/customer/shared-9",
+        &json!({"segment": "gold"}),
+    );
+    c.send(
+        "PUT",
+        b,
+        "/v1/records/customer/shared-9",
+        &json!({"segment": "silver"}),
+    );
+    assert!(
+        c.wait_converged(Duration::from_secs(60)),
+        "did not converge"
+    );
+
+    let policy = example_policy();
+    let aggs = Compiled::all(&policy);
+    assert_eq!(aggs.len(), 4);
+    let listed = c.get("national", "/v1/aggregates").body;
+    assert_eq!(listed.as_array().unwrap().len(), 4);
+    let mut seen: BTreeMap<(String, String), Json> = BTreeMap::new();
+    for n in &c.deployment.nodes {
+        for agg in &aggs {
+            let r = c.get(n.id.as_str(), &format!("/v1/aggregates/{}", agg.name));
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            seen.insert((n.id.to_string(), agg.name.clone()), r.body["rows"].clone());
+        }
+    }
+    // Drill-down: national → zhejiang narrows to zhejiang's cities.
+    let drilled = c
+        .get(
+            "national",
+            "/v1/aggregates/billing_by_city_month?drill=zhejiang&group_by=origin",
+        )
+        .body;
+    let origins: Vec<&str> = drilled["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["group"]["origin"].as_str().unwrap())
+        .collect();
+    assert!(
+        !origins.is_empty()
+            && origins
+                .iter()
+                .all(|o| cities_below(&c, "zhejiang").iter().any(|c| c == o)),
+        "{drilled}"
+    );
+    let csv = c.get(
+        "national",
+        "/v1/aggregates/billing_by_city_month?format=csv",
+    );
+    assert_eq!(csv.status, 200);
+
+    c.stop_all();
+    let raw: BTreeMap<String, Items> = cities
+        .iter()
+        .map(|city| (city.clone(), read_store(&c, city)))
+        .collect();
+    let mut checked = 0;
+    for n in &c.deployment.nodes {
+        for agg in &aggs {
+            let want = as_json(agg, &expected(&c, &raw, agg, n.id.as_str()));
+            let have = seen[&(n.id.to_string(), agg.name.clone())]
+                .as_array()
+                .unwrap()
+                .clone();
+            assert_eq!(have, want, "{} at {}", agg.name, n.id);
+            checked += 1;
+        }
+        if n.tier != Tier::City {
+            let items = read_store(&c, n.id.as_str());
+            assert!(
+                items.keys().all(|k| policy
+                    .categories
+                    .get(&k.0)
+                    .is_none_or(|cat| cat.replicate == Replicate::Up)),
+                "a private item reached {}",
+                n.id
+            );
+        }
+    }
+    assert_eq!(checked, 7 * 4);
+    // The private counts are really there above the cities.
+    let national_opps = &seen[&(
+        "national".to_string(),
+        "opportunities_by_city_stage_month".to_string(),
+    )];
+    assert!(!national_opps.as_array().unwrap().is_empty());
+}
