@@ -73,9 +73,8 @@ stop() {
 
 status() {
     for n in "${nodes[@]}"; do
-        printf '%-10s ' "$n"
-        "$bin" status --node "http://$(api_of "$n")" 2>/dev/null | head -n 3 | tr '\n' ' ' || printf 'not running'
-        echo
+        echo "== $n"
+        "$bin" status --node "http://$(api_of "$n")" 2>/dev/null || echo "not running"
     done
 }
 

@@ -585,3 +585,79 @@ fn assert_line(text: &str, file: &Path, key: &str, reason: &str) {
         "no line {prefix}…{reason}… in:\n{text}"
     );
 }
+
+#[test]
+fn query_prints_aggregates_as_table_json_and_csv() {
+    let n = city();
+    let u = n.url.as_str();
+    for (key, amount, month) in [
+        ("b1", "10.5", "2026-09-01"),
+        ("b2", "4.5", "2026-09-20"),
+        ("b3", "1", "2026-10-01"),
+    ] {
+        let doc = format!(r#"{{"customer_id": "c1", "amount": {amount}, "billed_at": "{month}"}}"#);
+        assert!(run(&["put", "billing", key, &doc, "--node", u]).ok);
+    }
+    let list = run(&["query", "--node", u, "--json"]).json();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["name"] == "billing_by_city_month")
+    );
+    let rows = run(&["query", "billing_by_city_month", "--node", u, "--json"]).json();
+    let rows = rows["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0]["group"]["month(billed_at)"], "2026-09");
+    assert_eq!(rows[0]["values"]["count"], 2);
+    assert_eq!(rows[0]["values"]["sum(amount)"], 15.0);
+    let total = run(&[
+        "query",
+        "billing_by_city_month",
+        "--group-by",
+        "",
+        "--node",
+        u,
+        "--json",
+    ])
+    .json();
+    assert_eq!(total["rows"][0]["values"]["count"], 3);
+    let csv = run(&[
+        "query",
+        "billing_by_city_month",
+        "--group-by",
+        "month(billed_at)",
+        "--csv",
+        "--node",
+        u,
+    ]);
+    assert!(csv.ok, "{}", csv.stderr);
+    assert_eq!(
+        csv.stdout.lines().next(),
+        Some("month(billed_at),count,sum(amount)")
+    );
+    assert!(csv.stdout.contains("2026-10,1,1.0"), "{}", csv.stdout);
+    let table = run(&[
+        "query",
+        "billing_by_city_month",
+        "--filter",
+        "month(billed_at):2026-10",
+        "--node",
+        u,
+    ]);
+    assert!(
+        table.ok && table.stdout.contains("hangzhou") && table.stdout.contains("1 row(s)"),
+        "{}",
+        table.stdout
+    );
+    run(&["query", "nope", "--node", u]).assert_failed_with("unknown_aggregate");
+    run(&[
+        "query",
+        "billing_by_city_month",
+        "--group-by",
+        "week",
+        "--node",
+        u,
+    ])
+    .assert_failed_with("invalid_query");
+}

@@ -144,6 +144,26 @@ pub enum ClientCommand {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Query an aggregate (grouped counts and sums), or list them without a
+    /// name.
+    Query {
+        /// The aggregate's name (omit to list the declared aggregates).
+        aggregate: Option<String>,
+        /// Comma-separated dimensions to group by (a subset; empty for one total).
+        #[arg(long)]
+        group_by: Option<String>,
+        /// Comma-separated `dimension:value` filters.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Only rows of this child's subtree (national → province → city).
+        #[arg(long)]
+        drill: Option<String>,
+        /// Print CSV.
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
     /// The node's status: tier, version, policy, links, counts, watermarks.
     Status {
         #[command(flatten)]
@@ -530,6 +550,84 @@ fn client_command(command: ClientCommand) -> Result<()> {
         ClientCommand::Customer { id, opts } => {
             let view = opts.client()?.customer(&id)?;
             emit(&opts, &view, || customer_text(&view))
+        }
+        ClientCommand::Query {
+            aggregate: None,
+            opts,
+            ..
+        } => {
+            let list = opts.client()?.aggregates()?;
+            emit(&opts, &list, || {
+                let mut t = table(&["aggregate", "source", "replicate", "group by", "measures"]);
+                for a in list.as_array().into_iter().flatten() {
+                    let join = |k: &str| {
+                        a[k].as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|v| v.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    t.add_row([
+                        a["name"].as_str().unwrap_or(""),
+                        a["source"].as_str().unwrap_or(""),
+                        a["replicate"].as_str().unwrap_or(""),
+                        &join("group_by"),
+                        &join("measures"),
+                    ]);
+                }
+                format!("{t}\n")
+            })
+        }
+        ClientCommand::Query {
+            aggregate: Some(name),
+            group_by,
+            filter,
+            drill,
+            csv,
+            opts,
+        } => {
+            let body = opts.client()?.aggregate(
+                &name,
+                group_by.as_deref(),
+                filter.as_deref(),
+                drill.as_deref(),
+            )?;
+            let result: crate::api::AggregateResult = serde_json::from_value(body.clone())
+                .context("the node answered an unexpected aggregate shape")?;
+            if csv {
+                return print_out(&crate::api::aggregate_csv(&result));
+            }
+            emit(&opts, &body, || {
+                let header: Vec<&str> = result
+                    .group_by
+                    .iter()
+                    .chain(&result.measures)
+                    .map(String::as_str)
+                    .collect();
+                let mut t = table(&header);
+                for row in &result.rows {
+                    let mut cells: Vec<String> = result
+                        .group_by
+                        .iter()
+                        .map(|g| {
+                            row.group
+                                .get(g)
+                                .cloned()
+                                .flatten()
+                                .unwrap_or_else(|| "-".into())
+                        })
+                        .collect();
+                    cells.extend(
+                        result
+                            .measures
+                            .iter()
+                            .map(|m| row.values.get(m).map(|v| v.to_string()).unwrap_or_default()),
+                    );
+                    t.add_row(cells);
+                }
+                format!("{}\n{t}\n{} row(s)\n", result.aggregate, result.rows.len())
+            })
         }
         ClientCommand::Status { opts } => {
             let status = opts.client()?.status()?;

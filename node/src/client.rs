@@ -287,6 +287,31 @@ impl Client {
         self.json(&url, self.agent.get(&url).call())
     }
 
+    /// `GET /v1/aggregates/{name}?group_by=&filter=&drill=`.
+    pub fn aggregate(
+        &self,
+        name: &str,
+        group_by: Option<&str>,
+        filter: Option<&str>,
+        drill: Option<&str>,
+    ) -> Result<Json, ClientError> {
+        let mut url = format!("{}/v1/aggregates/{}", self.base, encode_component(name));
+        let params: Vec<String> = [("group_by", group_by), ("filter", filter), ("drill", drill)]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| format!("{k}={}", encode_component(v))))
+            .collect();
+        if !params.is_empty() {
+            url = format!("{url}?{}", params.join("&"));
+        }
+        self.json(&url, self.agent.get(&url).call())
+    }
+
+    /// `GET /v1/aggregates`: the declared aggregates.
+    pub fn aggregates(&self) -> Result<Json, ClientError> {
+        let url = format!("{}/v1/aggregates", self.base);
+        self.json(&url, self.agent.get(&url).call())
+    }
+
     /// `GET /v1/status`.
     pub fn status(&self) -> Result<Json, ClientError> {
         let url = format!("{}/v1/status", self.base);

@@ -452,7 +452,18 @@ fn summary(
             "lag_records": s["links"]["parent"]["lag_records"],
         }));
     }
+    let national = d.nodes.iter().find(|n| n.tier == Tier::National);
+    let mut aggregates = serde_json::Map::new();
+    if let Some(n) = national {
+        for a in ["billing_by_city_month", "opportunities_by_city_stage_month"] {
+            aggregates.insert(
+                a.to_string(),
+                get_json(agent, n, &format!("/v1/aggregates/{a}?group_by=origin"))?["rows"].clone(),
+            );
+        }
+    }
     Ok(json!({
+        "national_aggregates_by_city": aggregates,
         "converged": ok,
         "seconds_to_converge": (converge_s * 10.0).round() / 10.0,
         "seconds_to_load": (load_s * 10.0).round() / 10.0,
@@ -511,6 +522,32 @@ fn show(agent: &ureq::Agent, d: &Generated, summary: &Json) -> Result<()> {
         summary["private_items_above_cities"]
     );
     if let Some(national) = d.nodes.iter().find(|n| n.tier == Tier::National) {
+        for (title, path) in [
+            (
+                "Billing at national, by city (shared bills, merged)",
+                "/v1/aggregates/billing_by_city_month?group_by=origin",
+            ),
+            (
+                "Open pipeline at national, by stage (counts only: the opportunities stay in the cities)",
+                "/v1/aggregates/opportunities_by_city_stage_month?group_by=stage",
+            ),
+        ] {
+            println!(
+                "\n{title}:\n{}",
+                aggregate_table(&get_json(agent, national, path)?)
+            );
+        }
+        if let Some(province) = d.nodes.iter().find(|n| n.tier == Tier::Province) {
+            let path = format!(
+                "/v1/aggregates/service_activities_by_city_type_month?group_by=origin,type&drill={}",
+                province.id
+            );
+            println!(
+                "\nService activities, drilled down from national to {} (by city and type):\n{}",
+                province.id,
+                aggregate_table(&get_json(agent, national, &path)?)
+            );
+        }
         let s = get_json(agent, national, "/v1/status")?;
         println!(
             "\nCompleteness at national (everything each node wrote up to this time is here):"
@@ -544,6 +581,36 @@ fn show(agent: &ureq::Agent, d: &Generated, summary: &Json) -> Result<()> {
         println!("  {:<10} http://{}", n.id, n.api);
     }
     Ok(())
+}
+
+/// An aggregate query result as a table.
+fn aggregate_table(r: &Json) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    let dims: Vec<String> = r["group_by"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    let measures: Vec<String> = r["measures"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    t.set_header(dims.iter().chain(&measures).cloned().collect::<Vec<_>>());
+    for row in r["rows"].as_array().into_iter().flatten() {
+        let mut cells: Vec<String> = dims
+            .iter()
+            .map(|d| row["group"][d].as_str().unwrap_or("-").to_string())
+            .collect();
+        cells.extend(measures.iter().map(|m| match &row["values"][m] {
+            Json::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap_or(0.0)),
+            other => other.to_string(),
+        }));
+        t.add_row(cells);
+    }
+    t
 }
 
 /// The customer view without the per-field metadata, for a readable demo.

@@ -104,15 +104,22 @@ fn city_name(p: usize, c: usize) -> String {
 }
 
 /// A free loopback port (TCP and UDP both free at the time of the call).
+///
+/// Chosen below the kernel's ephemeral range (32768+), so a port handed out
+/// here is not taken meanwhile by an outgoing connection or a client socket
+/// bound to port 0 (every uplink binds one).
 pub fn free_port() -> Result<u16> {
-    for _ in 0..50 {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").context("probing a free port")?;
-        let port = tcp.local_addr()?.port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let port = rng.random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
             return Ok(port);
         }
     }
-    anyhow::bail!("no free loopback port found")
+    anyhow::bail!("no free loopback port found in 20000..32000")
 }
 
 /// Writes the deployment into `dir` (created if missing).
@@ -154,8 +161,12 @@ pub fn generate(dir: &Path, spec: &Spec) -> Result<Generated> {
             plan[pi].children.push(ci);
         }
     }
-    let peers: Vec<u16> = plan.iter().map(|_| free_port()).collect::<Result<_>>()?;
-    let apis: Vec<u16> = plan.iter().map(|_| free_port()).collect::<Result<_>>()?;
+    let mut ports = std::collections::BTreeSet::new();
+    while ports.len() < 2 * plan.len() {
+        ports.insert(free_port()?);
+    }
+    let ports: Vec<u16> = ports.into_iter().collect();
+    let (peers, apis) = ports.split_at(plan.len());
 
     let mut nodes = Vec::new();
     for (i, n) in plan.iter().enumerate() {

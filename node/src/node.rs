@@ -67,9 +67,7 @@ pub async fn start(
     let mut peer_addr = None;
     if let Some(tls) = &cfg.tls {
         if !children.is_empty() {
-            let server =
-                crate::tls::quinn_server_config(tls).context("building the peer TLS config")?;
-            let endpoint = crate::tls::server_endpoint(cfg.listen.peer, server)
+            let endpoint = crate::tls::peer_endpoint(cfg.listen.peer, tls)
                 .with_context(|| format!("binding the peer address {}", cfg.listen.peer))?;
             peer_addr = Some(endpoint.local_addr().context("peer endpoint address")?);
             let ctx = DownlinkCtx {
@@ -121,6 +119,25 @@ pub async fn start(
             tasks.push(tokio::spawn(uplink::run(ctx, shutdown_rx.clone())));
         }
     }
+
+    // Storage size for operators (RocksDB properties are cheap to read).
+    let size_store = store.clone();
+    let mut size_stop = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = size_stop.changed() => break,
+            }
+            if let Ok(bytes) = size_store.size_bytes() {
+                metrics::gauge!("tiersync_rocksdb_size_bytes").set(bytes as f64);
+            }
+            if let Ok(seq) = size_store.last_seq() {
+                metrics::gauge!("tiersync_last_seq").set(seq as f64);
+            }
+        }
+    }));
 
     let listener = tokio::net::TcpListener::bind(cfg.listen.api)
         .await

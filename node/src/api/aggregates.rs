@@ -84,7 +84,7 @@ pub struct AggregateQuery {
 }
 
 /// One row.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AggregateRow {
     /// Dimension → value (`null` when items have none).
     #[schema(value_type = Object)]
@@ -95,7 +95,7 @@ pub struct AggregateRow {
 }
 
 /// The rows of an aggregate.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AggregateResult {
     /// The aggregate.
     pub aggregate: String,
@@ -121,7 +121,7 @@ fn measure_json(m: &Measure, v: i128) -> serde_json::Value {
     responses(
         (status = 200, description = "Rows (JSON, or CSV with format=csv / Accept: text/csv)", body = AggregateResult),
         (status = 400, description = "invalid_query", body = ErrorBody),
-        (status = 404, description = "unknown_aggregate, unknown_child", body = ErrorBody),
+        (status = 404, description = "unknown_aggregate; not_found (drill names no node below this one)", body = ErrorBody),
     ))]
 pub async fn query(
     State(st): State<ApiState>,
@@ -286,7 +286,8 @@ fn dim_index(agg: &Compiled, d: &str) -> Result<usize, ApiError> {
     })
 }
 
-fn to_csv(r: &AggregateResult) -> String {
+/// The rows as CSV: one column per dimension, then per measure.
+pub fn to_csv(r: &AggregateResult) -> String {
     let mut w = csv::Writer::from_writer(Vec::new());
     let header: Vec<&str> = r
         .group_by

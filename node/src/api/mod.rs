@@ -58,7 +58,7 @@ use tiersync_protocol::{Category, NodeId, Tier};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
-pub use aggregates::{AggregateInfo, AggregateResult, AggregateRow};
+pub use aggregates::{AggregateInfo, AggregateResult, AggregateRow, to_csv as aggregate_csv};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use records::{BulkReport, LineError, ScanPage, WriteResult};
 pub use views::{CategoryStatus, CustomerView, RelatedItems, StatusView};

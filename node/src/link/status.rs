@@ -102,8 +102,23 @@ impl LinkStatus {
                 )
             })
             .collect();
+        // The lag is computed now from the store: the cached figure could be
+        // a moment old and show 0 right after a commit.
+        let parent = self.uplink_snapshot().map(|mut u| {
+            if let Ok(last) = store.last_seq() {
+                u.local_seq = u.local_seq.max(last);
+                u.lag_records = u.local_seq.saturating_sub(u.acked_seq);
+                if u.lag_records > 0 && u.lag_seconds == 0.0 {
+                    if let Ok(Some(h)) = store.hlc_of(u.acked_seq + 1) {
+                        u.lag_seconds =
+                            crate::now_ms().saturating_sub(h.physical_ms) as f64 / 1000.0;
+                    }
+                }
+            }
+            u
+        });
         serde_json::json!({
-            "parent": self.uplink_snapshot(),
+            "parent": parent,
             "children": children,
             "watermarks": watermarks,
         })

@@ -118,13 +118,17 @@ async fn connect_and_stream(
     shutdown: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
 ) -> Result<(), LinkError> {
+    report_lag(ctx, session, "connecting");
     let addr = resolve(&ctx.parent.addr).await?;
-    ctx.status.uplink(|s| s.state = "connecting".into());
-    let conn = tokio::time::timeout(
+    let connect = tokio::time::timeout(
         Duration::from_secs(10),
         crate::tls::connect(&ctx.endpoint, addr, &ctx.parent.id),
-    )
-    .await
+    );
+    // A shutdown must not wait for an unanswered connection attempt.
+    let conn = tokio::select! {
+        c = connect => c,
+        _ = shutdown.changed() => return Ok(()),
+    }
     .map_err(|_| LinkError::Connect(format!("no answer from {addr} within 10 s")))?
     .map_err(|e| LinkError::Connect(e.to_string()))?;
     let (mut send, recv) = conn.open_bi().await?;

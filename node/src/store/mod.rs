@@ -1225,6 +1225,21 @@ impl Store {
         Ok(())
     }
 
+    /// Bytes the store holds: SST files plus memtables, over every column family.
+    pub fn size_bytes(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for name in ALL_CFS {
+            let cf = self.cf(name)?;
+            for prop in [
+                "rocksdb.total-sst-files-size",
+                "rocksdb.cur-size-all-mem-tables",
+            ] {
+                total += self.db.property_int_value_cf(cf, prop)?.unwrap_or(0);
+            }
+        }
+        Ok(total)
+    }
+
     /// Flushes memtables to SST files (used on clean shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_wal(true)?;
