@@ -11,53 +11,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Value as Json, json};
-use tiersync::config::Durability;
 use tiersync::deploygen::Spec;
-use tiersync::store::Store;
 use tiersync_protocol::aggregate::{Compiled, GroupKey, SCALE};
 use tiersync_protocol::policy::{Measure, Replicate};
 use tiersync_protocol::{Item, Tier};
-use tiersync_tests::cluster::Cluster;
+use tiersync_tests::cluster::{Cluster, Items};
 use tiersync_tests::example_policy;
-
-type Items = BTreeMap<(String, String), Item>;
-
-fn read_store(c: &Cluster, id: &str) -> Items {
-    let node = c.deployment.node(id).unwrap();
-    let store = Store::open(
-        &node.data_dir,
-        node.id.clone(),
-        example_policy(),
-        Durability::Fsync,
-    )
-    .unwrap();
-    let mut out = Items::new();
-    store
-        .for_each_item(|cat, key, item| {
-            out.insert((cat.to_string(), key.to_string()), item);
-        })
-        .unwrap();
-    out
-}
-
-fn cities_below(c: &Cluster, id: &str) -> Vec<String> {
-    c.deployment
-        .nodes
-        .iter()
-        .filter(|n| n.tier == Tier::City)
-        .filter(|n| {
-            let mut up = Some(n.id.clone());
-            while let Some(p) = up {
-                if p.as_str() == id {
-                    return true;
-                }
-                up = c.deployment.node(p.as_str()).and_then(|m| m.parent.clone());
-            }
-            false
-        })
-        .map(|n| n.id.to_string())
-        .collect()
-}
 
 /// The expected rows of `agg` at node `id`, from the cities' raw data.
 fn expected(
@@ -70,7 +29,7 @@ fn expected(
     let private = policy.categories[&agg.source].replicate == Replicate::Local;
     let mut items: Vec<Item> = Vec::new();
     if private {
-        for city in cities_below(c, id) {
+        for city in c.cities_below(id) {
             items.extend(
                 cities[&city]
                     .iter()
@@ -80,7 +39,7 @@ fn expected(
         }
     } else {
         let mut merged: Items = Items::new();
-        for city in cities_below(c, id) {
+        for city in c.cities_below(id) {
             for (k, item) in cities[&city].iter().filter(|(k, _)| k.0 == agg.source) {
                 match merged.get_mut(k) {
                     Some(m) => {
@@ -259,7 +218,7 @@ fn aggregates_match_a_recomputation_at_every_node() {
         !origins.is_empty()
             && origins
                 .iter()
-                .all(|o| cities_below(&c, "zhejiang").iter().any(|c| c == o)),
+                .all(|o| c.cities_below("zhejiang").iter().any(|c| c == o)),
         "{drilled}"
     );
     let csv = c.get(
@@ -271,7 +230,7 @@ fn aggregates_match_a_recomputation_at_every_node() {
     c.stop_all();
     let raw: BTreeMap<String, Items> = cities
         .iter()
-        .map(|city| (city.clone(), read_store(&c, city)))
+        .map(|city| (city.clone(), c.read_store(city)))
         .collect();
     let mut checked = 0;
     for n in &c.deployment.nodes {
@@ -285,7 +244,7 @@ fn aggregates_match_a_recomputation_at_every_node() {
             checked += 1;
         }
         if n.tier != Tier::City {
-            let items = read_store(&c, n.id.as_str());
+            let items = c.read_store(n.id.as_str());
             assert!(
                 items.keys().all(|k| policy
                     .categories

@@ -11,35 +11,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::json;
-use tiersync::config::Durability;
 use tiersync::deploygen::Spec;
-use tiersync::store::Store;
 use tiersync_protocol::policy::Replicate;
-use tiersync_protocol::{Item, Tier};
-use tiersync_tests::cluster::Cluster;
+use tiersync_protocol::Tier;
+use tiersync_tests::cluster::{Cluster, Items};
 use tiersync_tests::example_policy;
 
 const CONVERGE: Duration = Duration::from_secs(60);
-
-type Items = BTreeMap<(String, String), Item>;
-
-fn read_store(c: &Cluster, id: &str) -> Items {
-    let node = c.deployment.node(id).expect("node");
-    let store = Store::open(
-        &node.data_dir,
-        node.id.clone(),
-        example_policy(),
-        Durability::Fsync,
-    )
-    .expect("open store");
-    let mut out = Items::new();
-    store
-        .for_each_item(|cat, key, item| {
-            out.insert((cat.to_string(), key.to_string()), item);
-        })
-        .expect("scan");
-    out
-}
 
 /// Stops every node, then checks each non-city node holds exactly the merge
 /// of the shared items of the cities below it.
@@ -50,24 +28,15 @@ fn assert_tiers_hold_merge_of_subtree(c: &mut Cluster) {
         .deployment
         .nodes
         .iter()
-        .map(|n| (n.id.to_string(), read_store(c, n.id.as_str())))
+        .map(|n| (n.id.to_string(), c.read_store(n.id.as_str())))
         .collect();
     for n in &c.deployment.nodes {
         if n.tier == Tier::City {
             continue;
         }
         let mut want = Items::new();
-        for city in c.deployment.nodes.iter().filter(|m| m.tier == Tier::City) {
-            let mut up = city.parent.clone();
-            let mut below = false;
-            while let Some(p) = up {
-                below |= p == n.id;
-                up = c.deployment.node(p.as_str()).and_then(|m| m.parent.clone());
-            }
-            if !below {
-                continue;
-            }
-            for (k, item) in &stores[city.id.as_str()] {
+        for city in c.cities_below(n.id.as_str()) {
+            for (k, item) in &stores[city.as_str()] {
                 if !policy.replicates_up(&k.0) {
                     continue;
                 }

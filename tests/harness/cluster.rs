@@ -215,6 +215,56 @@ impl Cluster {
     }
 }
 
+/// Items of a store: (category, key) → state.
+pub type Items = BTreeMap<(String, String), tiersync_protocol::Item>;
+
+impl Cluster {
+    /// Every item of a node's store (the node must be stopped).
+    pub fn read_store(&self, id: &str) -> Items {
+        let node = self
+            .deployment
+            .node(id)
+            .unwrap_or_else(|| panic!("no node {id}"));
+        let store = tiersync::store::Store::open(
+            &node.data_dir,
+            node.id.clone(),
+            crate::example_policy(),
+            tiersync::config::Durability::Fsync,
+        )
+        .unwrap_or_else(|e| panic!("open the store of {id}: {e}"));
+        let mut out = Items::new();
+        store
+            .for_each_item(|cat, key, item| {
+                out.insert((cat.to_string(), key.to_string()), item);
+            })
+            .unwrap_or_else(|e| panic!("scan the store of {id}: {e}"));
+        out
+    }
+
+    /// The cities at or below node `id`.
+    pub fn cities_below(&self, id: &str) -> Vec<String> {
+        self.deployment
+            .nodes
+            .iter()
+            .filter(|n| n.tier == tiersync_protocol::Tier::City)
+            .filter(|n| {
+                let mut up = Some(n.id.clone());
+                while let Some(p) = up {
+                    if p.as_str() == id {
+                        return true;
+                    }
+                    up = self
+                        .deployment
+                        .node(p.as_str())
+                        .and_then(|m| m.parent.clone());
+                }
+                false
+            })
+            .map(|n| n.id.to_string())
+            .collect()
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for (_, mut c) in std::mem::take(&mut self.procs) {
