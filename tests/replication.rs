@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use tiersync::deploygen::Spec;
-use tiersync_protocol::policy::Replicate;
 use tiersync_protocol::Tier;
+use tiersync_protocol::policy::Replicate;
 use tiersync_tests::cluster::{Cluster, Items};
 use tiersync_tests::example_policy;
 

@@ -5,7 +5,7 @@
 //! source data. Re-grouping to fewer dimensions, filters and drill-down are
 //! applied to those rows here.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::State;
@@ -19,6 +19,10 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::ErrorBody;
 use super::{ApiError, ApiPath, ApiQuery, ApiState, blocking};
+
+/// The query-time column `child`: the child of this node through which a
+/// row's origin replicates (at national: the province).
+const CHILD_COLUMN: &str = "child";
 
 /// An aggregate as the policy declares it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -72,8 +76,10 @@ pub async fn list(State(st): State<ApiState>) -> Json<Vec<AggregateInfo>> {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct AggregateQuery {
-    /// Comma-separated dimensions to group by (a subset of the aggregate's;
-    /// default: all). `group_by=` (empty) gives one total row.
+    /// Comma-separated dimensions to group by (a subset of the aggregate's,
+    /// plus `child`: the child of this node each row's origin replicates
+    /// through, e.g. the province at national; default: all). `group_by=`
+    /// (empty) gives one total row.
     group_by: Option<String>,
     /// Comma-separated `dimension:value` filters, e.g. `origin:hangzhou,month(billed_at):2026-09`.
     filter: Option<String>,
@@ -142,12 +148,17 @@ pub async fn query(
                 format!("no aggregate named {name:?} is declared"),
             )
         })?;
-    let keep: Vec<usize> = match &q.group_by {
-        None => (0..agg.dims.len()).collect(),
+    // Columns to keep: a dimension of the aggregate, or `None` for the
+    // `child` column (the child of this node its origin's data comes through).
+    let keep: Vec<Option<usize>> = match &q.group_by {
+        None => (0..agg.dims.len()).map(Some).collect(),
         Some(s) if s.trim().is_empty() => Vec::new(),
         Some(s) => s
             .split(',')
-            .map(|d| dim_index(&agg, d.trim()))
+            .map(|d| match d.trim() {
+                CHILD_COLUMN if !agg.dim_names.iter().any(|n| n == CHILD_COLUMN) => Ok(None),
+                d => dim_index(&agg, d).map(Some),
+            })
             .collect::<Result<_, _>>()?,
     };
     let mut filters: Vec<(usize, String)> = Vec::new();
@@ -166,30 +177,36 @@ pub async fn query(
         filters.push((dim_index(&agg, d.trim())?, v.trim().to_string()));
     }
     let origin_dim = agg.dims.iter().position(|d| *d == Dimension::Origin);
+    if origin_dim.is_none() && keep.iter().any(Option::is_none) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("{name} has no origin dimension, so rows cannot be grouped by child"),
+        ));
+    }
     let store = st.store.clone();
-    let drill = q.drill.clone();
     let me = st.node_id.clone();
     let def = agg.clone();
-    let (rows, allowed) = blocking(move || {
+    let me_id = st.node_id.clone();
+    let (rows, relay) = blocking(move || {
         let rows = store.aggregate_rows(&def)?;
-        let allowed = match drill {
-            None => None,
-            Some(child) => {
-                // Origins whose data arrives through `child` (and the child itself).
-                let mut set = BTreeSet::from([child.clone()]);
-                for (g, _) in &rows {
-                    if let Some(Some(o)) = origin_dim.map(|i| &g[i]) {
-                        if let Ok(id) = NodeId::new(o.clone()) {
-                            if store.relay_of(&id)?.is_some_and(|r| r.as_str() == child) {
-                                set.insert(o.clone());
-                            }
-                        }
-                    }
+        // Which child each origin's data arrives through (for drill and `child`).
+        let mut relay: BTreeMap<String, String> = BTreeMap::new();
+        for (g, _) in &rows {
+            if let Some(Some(o)) = origin_dim.map(|i| &g[i]) {
+                if relay.contains_key(o) {
+                    continue;
                 }
-                Some(set)
+                let via = match NodeId::new(o.clone()) {
+                    Ok(id) if id == me_id => Some(o.clone()),
+                    Ok(id) => store.relay_of(&id)?.map(|r| r.to_string()),
+                    Err(_) => None,
+                };
+                if let Some(v) = via {
+                    relay.insert(o.clone(), v);
+                }
             }
-        };
-        Ok((rows, allowed))
+        }
+        Ok((rows, relay))
     })
     .await?;
     if let Some(child) = &q.drill {
@@ -214,19 +231,32 @@ pub async fn query(
         {
             continue;
         }
-        if let (Some(allowed), Some(i)) = (&allowed, origin_dim) {
-            if !group[i].as_ref().is_some_and(|o| allowed.contains(o)) {
+        let via = origin_dim
+            .and_then(|i| group[i].as_ref())
+            .and_then(|o| relay.get(o));
+        if let Some(child) = &q.drill {
+            let origin = origin_dim.and_then(|i| group[i].as_ref());
+            if origin != Some(child) && via != Some(child) {
                 continue;
             }
         }
         if values.iter().all(|v| *v == 0) {
             continue; // a group whose items are all gone
         }
-        let key: GroupKey = keep.iter().map(|&i| group[i].clone()).collect();
+        let key: GroupKey = keep
+            .iter()
+            .map(|k| match k {
+                Some(i) => group[*i].clone(),
+                None => via.cloned(),
+            })
+            .collect();
         let acc = grouped.entry(key).or_insert_with(|| vec![0; values.len()]);
         acc.iter_mut().zip(&values).for_each(|(a, b)| *a += b);
     }
-    let group_by: Vec<String> = keep.iter().map(|&i| agg.dim_names[i].clone()).collect();
+    let group_by: Vec<String> = keep
+        .iter()
+        .map(|k| k.map_or_else(|| CHILD_COLUMN.to_string(), |i| agg.dim_names[i].clone()))
+        .collect();
     let result = AggregateResult {
         aggregate: agg.name.clone(),
         group_by: group_by.clone(),

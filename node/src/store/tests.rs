@@ -360,3 +360,108 @@ proptest! {
         prop_assert!(log.iter().enumerate().all(|(i, (seq, _))| *seq == i as u64 + 1));
     }
 }
+
+fn with_aggregates(defs: &[(&str, &str, &[&str], &[&str])]) -> Arc<Policy> {
+    let mut p = (*policy()).clone();
+    for (name, source, group_by, measures) in defs {
+        p.aggregates.insert(
+            name.to_string(),
+            tiersync_protocol::policy::AggregateDef {
+                source: source.to_string(),
+                group_by: group_by.iter().map(|s| s.to_string()).collect(),
+                measures: measures.iter().map(|s| s.to_string()).collect(),
+                description: String::new(),
+            },
+        );
+    }
+    p.validate().unwrap();
+    Arc::new(p)
+}
+
+fn rows(s: &Store, name: &str) -> BTreeMap<Vec<Option<String>>, Vec<i128>> {
+    let agg = s
+        .aggregates()
+        .iter()
+        .find(|a| a.name == name)
+        .unwrap()
+        .clone();
+    s.aggregate_rows(&agg)
+        .unwrap()
+        .into_iter()
+        .filter(|(_, v)| v.iter().any(|x| *x != 0))
+        .collect()
+}
+
+#[test]
+fn aggregates_follow_writes_and_rebuild_when_their_definition_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeId::new("city-a").unwrap();
+    let v1 = with_aggregates(&[
+        ("by_seg", "customer", &["segment"], &["count"]),
+        ("opp", "opportunity", &["stage"], &["count", "sum(value)"]),
+    ]);
+    {
+        let s = Store::open(dir.path(), node.clone(), v1.clone(), Durability::Fsync).unwrap();
+        let doc = |seg: &str| BTreeMap::from([("segment".to_string(), Value::Str(seg.into()))]);
+        for (k, seg) in [("c1", "gold"), ("c2", "gold"), ("c3", "silver")] {
+            one(&s, put(k, doc(seg)), 10).unwrap();
+        }
+        // An update moves c2 between groups; a delete takes c3 out.
+        one(&s, put("c2", doc("silver")), 11).unwrap();
+        one(
+            &s,
+            Mutation::Delete {
+                category: "customer".into(),
+                key: "c3".into(),
+            },
+            12,
+        )
+        .unwrap();
+        let gold = vec![Some("gold".to_string())];
+        let silver = vec![Some("silver".to_string())];
+        assert_eq!(
+            rows(&s, "by_seg"),
+            BTreeMap::from([(gold, vec![1]), (silver, vec![1])])
+        );
+        let opp = BTreeMap::from([
+            ("stage".to_string(), Value::Str("won".into())),
+            ("value".to_string(), Value::Float(2.5)),
+        ]);
+        one(
+            &s,
+            Mutation::Put {
+                category: "opportunity".into(),
+                key: "o1".into(),
+                doc: opp,
+            },
+            13,
+        )
+        .unwrap();
+        assert_eq!(
+            rows(&s, "opp"),
+            BTreeMap::from([(vec![Some("won".to_string())], vec![1, 2_500_000])])
+        );
+    }
+    // Same names, other dimensions: rebuilt from the data at open.
+    let v2 = with_aggregates(&[
+        ("by_seg", "customer", &["origin"], &["count"]),
+        ("opp", "opportunity", &[], &["count", "sum(value)"]),
+    ]);
+    let s = Store::open(dir.path(), node.clone(), v2, Durability::Fsync).unwrap();
+    assert_eq!(
+        rows(&s, "by_seg"),
+        BTreeMap::from([(vec![Some("city-a".to_string())], vec![2])])
+    );
+    assert_eq!(
+        rows(&s, "opp"),
+        BTreeMap::from([(vec![], vec![1, 2_500_000])])
+    );
+    drop(s);
+    // Back to the first definition: built again, not double counted.
+    let s = Store::open(dir.path(), node, v1, Durability::Fsync).unwrap();
+    assert_eq!(rows(&s, "by_seg").values().map(|v| v[0]).sum::<i128>(), 2);
+    assert_eq!(
+        rows(&s, "opp"),
+        BTreeMap::from([(vec![Some("won".to_string())], vec![1, 2_500_000])])
+    );
+}
