@@ -98,13 +98,7 @@ fn load(c: &Cluster, city: &str, customers: usize) {
 fn aggregates_match_a_recomputation_at_every_node() {
     let mut c = Cluster::new(&Spec::default());
     c.start_all();
-    let cities: Vec<String> = c
-        .deployment
-        .nodes
-        .iter()
-        .filter(|n| n.tier == Tier::City)
-        .map(|n| n.id.to_string())
-        .collect();
+    let cities = c.cities();
     for city in &cities {
         load(&c, city, 30);
     }

@@ -114,13 +114,7 @@ fn write_city_data(c: &Cluster, city: &str, n: usize) {
 fn three_tiers_converge_and_private_data_stays_home() {
     let mut c = Cluster::new(&Spec::default());
     c.start_all();
-    let cities: Vec<String> = c
-        .deployment
-        .nodes
-        .iter()
-        .filter(|n| n.tier == Tier::City)
-        .map(|n| n.id.to_string())
-        .collect();
+    let cities = c.cities();
     assert_eq!(cities.len(), 4);
     for city in &cities {
         write_city_data(&c, city, 15);

@@ -241,6 +241,16 @@ impl Cluster {
         out
     }
 
+    /// Every city of the deployment.
+    pub fn cities(&self) -> Vec<String> {
+        self.deployment
+            .nodes
+            .iter()
+            .filter(|n| n.tier == tiersync_protocol::Tier::City)
+            .map(|n| n.id.to_string())
+            .collect()
+    }
+
     /// The cities at or below node `id`.
     pub fn cities_below(&self, id: &str) -> Vec<String> {
         self.deployment
