@@ -107,19 +107,29 @@ fn city_name(p: usize, c: usize) -> String {
 ///
 /// Chosen below the kernel's ephemeral range (32768+), so a port handed out
 /// here is not taken meanwhile by an outgoing connection or a client socket
-/// bound to port 0 (every uplink binds one).
+/// bound to port 0 (every uplink binds one). Ports are handed out in turn
+/// from a random start, so deployments generated concurrently in one process
+/// (tests run in parallel threads) never get the same port.
 pub fn free_port() -> Result<u16> {
-    use rand::Rng;
-    let mut rng = rand::rng();
-    for _ in 0..200 {
-        let port = rng.random_range(20_000..32_000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let start = {
+        use rand::Rng;
+        rand::rng().random_range(0..SPAN)
+    };
+    let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..SPAN {
+        let port = u16::try_from(LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN).unwrap_or(0);
+        if port != 0
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
             && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
         {
             return Ok(port);
         }
     }
-    anyhow::bail!("no free loopback port found in 20000..32000")
+    anyhow::bail!("no free loopback port found in {LOW}..{}", LOW + SPAN)
 }
 
 /// Writes the deployment into `dir` (created if missing).
