@@ -394,3 +394,40 @@ fn unsupported_protocol_version_is_refused() {
         ));
     });
 }
+
+#[test]
+fn a_flood_of_idle_connections_does_not_block_a_real_child() {
+    let c = cluster();
+    runtime().block_on(async {
+        // 100 authenticated connections that never say Hello.
+        let mut idle = Vec::new();
+        for _ in 0..100 {
+            idle.push(hostile(&c, "ningbo").await);
+        }
+        let mut real = hostile(&c, "hangzhou").await;
+        real.hello("hangzhou").await;
+        real.send(&Frame::Batch {
+            after: 0,
+            last_seq: 1,
+            upto_hlc: Hlc::ZERO,
+            items: vec![record(
+                "customer",
+                "c-during-flood",
+                "hangzhou",
+                tiersync::now_ms(),
+            )],
+            watermarks: vec![],
+        })
+        .await;
+        assert!(matches!(
+            real.recv().await,
+            Some(Frame::Ack { last_seq: 1 })
+        ));
+        drop(idle);
+    });
+    assert_eq!(
+        c.get("zhejiang", "/v1/records/customer/c-during-flood")
+            .status,
+        200
+    );
+}
