@@ -25,6 +25,8 @@ tiersync_ensure_build_deps() {
     _tiersync_have_libclang || missing+=(libclang-dev)
     command -v c++ >/dev/null 2>&1 || missing+=(g++)
     command -v make >/dev/null 2>&1 || missing+=(make)
+    # Not for the build: the clock-skew tests run nodes under faketime.
+    command -v faketime >/dev/null 2>&1 || missing+=(faketime)
     if [ ${#missing[@]} -gt 0 ]; then
         _tiersync_install "${missing[@]}" || return 1
     fi

@@ -154,6 +154,17 @@ impl Cluster {
         }
     }
 
+    /// GET a path; `None` if the node does not answer.
+    pub fn get_opt(&self, id: &str, path: &str) -> Option<Reply> {
+        let mut r = self.agent.get(&self.url(id, path)).call().ok()?;
+        let status = r.status().as_u16();
+        let text = r.body_mut().read_to_string().unwrap_or_default();
+        Some(Reply {
+            status,
+            body: serde_json::from_str(&text).unwrap_or(Json::Null),
+        })
+    }
+
     /// GET a path.
     pub fn get(&self, id: &str, path: &str) -> Reply {
         Self::reply(self.agent.get(&self.url(id, path)).call())
