@@ -25,8 +25,6 @@ tiersync_ensure_build_deps() {
     _tiersync_have_libclang || missing+=(libclang-dev)
     command -v c++ >/dev/null 2>&1 || missing+=(g++)
     command -v make >/dev/null 2>&1 || missing+=(make)
-    # Not for the build: the clock-skew tests run nodes under faketime.
-    command -v faketime >/dev/null 2>&1 || missing+=(faketime)
     if [ ${#missing[@]} -gt 0 ]; then
         _tiersync_install "${missing[@]}" || return 1
     fi
@@ -35,6 +33,12 @@ tiersync_ensure_build_deps() {
         [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
     fi
     command -v cargo >/dev/null 2>&1 || { echo "tiersync: cargo (the Rust toolchain) is required" >&2; return 1; }
+}
+
+# What the tests need beyond the build: the clock-skew tests run nodes
+# under faketime.
+tiersync_ensure_test_deps() {
+    command -v faketime >/dev/null 2>&1 || _tiersync_install faketime
 }
 
 # One target directory outside the clone, so a fresh clone on the same

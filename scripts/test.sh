@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 tiersync_ensure_build_deps
+tiersync_ensure_test_deps
 cargo build --release --workspace --bins
 cargo test --release --workspace "$@"
