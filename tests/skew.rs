@@ -103,12 +103,7 @@ fn a_city_hours_ahead_is_refused_and_one_behind_still_replicates() {
     );
 
     // The city ahead is refused, and says why.
-    let err = wait_for(Duration::from_secs(30), || {
-        let s = c.get("hangzhou", "/v1/status").body;
-        let e = s["links"]["parent"]["last_error"].as_str()?.to_string();
-        e.contains("ahead of this node's clock").then_some(e)
-    });
-    let err = err.unwrap_or_else(|| panic!("no skew refusal reported; log: {}", c.log("hangzhou")));
+    let err = c.wait_uplink_error("hangzhou", c.api("hangzhou"), "ahead of this node's clock");
     assert!(err.contains("max_clock_skew_ms"), "{err}");
     let parent_side =
         c.get("zhejiang", "/v1/status").body["links"]["children"]["hangzhou"]["last_error"].clone();
@@ -126,17 +121,7 @@ fn a_city_hours_ahead_is_refused_and_one_behind_still_replicates() {
         "the city behind did not replicate: {}",
         c.log("ningbo")
     );
-    let tls = wait_for(Duration::from_secs(30), || {
-        let e = c.get("wenzhou", "/v1/status").body["links"]["parent"]["last_error"]
-            .as_str()?
-            .to_string();
-        e.contains("not valid yet").then_some(e)
-    });
-    assert!(
-        tls.is_some(),
-        "wenzhou (2 h behind) did not report the certificate error: {}",
-        c.log("wenzhou")
-    );
+    c.wait_uplink_error("wenzhou", c.api("wenzhou"), "not valid yet");
     assert_eq!(
         c.get("zhejiang", "/v1/records/customer/from-ahead").status,
         404

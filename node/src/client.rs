@@ -312,6 +312,12 @@ impl Client {
         self.json(&url, self.agent.get(&url).call())
     }
 
+    /// `GET path` (a path of the API with its query string), as JSON.
+    pub fn get_json(&self, path: &str) -> Result<Json, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.json(&url, self.agent.get(&url).call())
+    }
+
     /// `GET /v1/status`.
     pub fn status(&self) -> Result<Json, ClientError> {
         let url = format!("{}/v1/status", self.base);

@@ -19,6 +19,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value as Json, json};
 use tiersync_protocol::Tier;
 
+use crate::client::Client;
 use crate::config::Durability;
 use crate::deploygen::{self, GenNode, Generated, Spec};
 
@@ -98,21 +99,32 @@ fn start_node(exe: &Path, node: &GenNode, logs: &Path) -> Result<Child> {
         .with_context(|| format!("starting {}; see {}", node.id, log_path.display()))
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .new_agent()
+/// The API of `node` (one place for HTTP: `crate::client`).
+struct Apis(BTreeMap<String, Client>);
+
+impl Apis {
+    fn new(d: &Generated) -> Result<Self> {
+        let mut m = BTreeMap::new();
+        for n in &d.nodes {
+            m.insert(
+                n.id.to_string(),
+                Client::new(&format!("http://{}", n.api), Duration::from_secs(60))?,
+            );
+        }
+        Ok(Self(m))
+    }
+
+    fn of(&self, node: &GenNode) -> Result<&Client> {
+        self.0
+            .get(node.id.as_str())
+            .with_context(|| format!("no client for {}", node.id))
+    }
 }
 
-fn get_json(agent: &ureq::Agent, node: &GenNode, path: &str) -> Result<Json> {
-    let mut r = agent
-        .get(&format!("http://{}{path}", node.api))
-        .call()
-        .with_context(|| format!("GET {path} at {}", node.id))?;
-    let text = r.body_mut().read_to_string()?;
-    serde_json::from_str(&text).with_context(|| format!("GET {path} at {}: not JSON", node.id))
+fn get_json(apis: &Apis, node: &GenNode, path: &str) -> Result<Json> {
+    apis.of(node)?
+        .get_json(path)
+        .with_context(|| format!("GET {path} at {}", node.id))
 }
 
 const SURNAMES: [&str; 12] = [
@@ -195,7 +207,7 @@ pub fn city_data(city: &str, customers: usize, seed: u64) -> Vec<(&'static str, 
 }
 
 fn load_city(
-    agent: &ureq::Agent,
+    apis: &Apis,
     node: &GenNode,
     data: &[(&str, Vec<Json>)],
     done: &AtomicU64,
@@ -203,17 +215,16 @@ fn load_city(
     for (category, lines) in data {
         for chunk in lines.chunks(1000) {
             let body: String = chunk.iter().map(|l| format!("{l}\n")).collect();
-            let mut r = agent
-                .post(&format!("http://{}/v1/records/{category}", node.api))
-                .content_type("application/x-ndjson")
-                .send(&body)
+            let report = apis
+                .of(node)?
+                .bulk(category, body.as_bytes())
                 .with_context(|| format!("loading {category} at {}", node.id))?;
-            let text = r.body_mut().read_to_string()?;
-            if r.status() != 200 {
+            if report.rejected > 0 {
                 bail!(
-                    "loading {category} at {}: HTTP {}: {text}",
+                    "loading {category} at {}: {} line(s) rejected: {:?}",
                     node.id,
-                    r.status()
+                    report.rejected,
+                    report.errors.first()
                 );
             }
             done.fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -235,11 +246,11 @@ fn counts(status: &Json) -> BTreeMap<String, u64> {
 
 /// Whether every link reports zero lag and the national node holds every
 /// shared item the cities hold.
-fn converged(agent: &ureq::Agent, d: &Generated, shared_expected: u64) -> Result<(bool, u64)> {
+fn converged(apis: &Apis, d: &Generated, shared_expected: u64) -> Result<(bool, u64)> {
     let mut national_shared = 0;
     let mut all_zero = true;
     for n in &d.nodes {
-        let s = get_json(agent, n, "/v1/status")?;
+        let s = get_json(apis, n, "/v1/status")?;
         let p = &s["links"]["parent"];
         let caught_up = p.is_null() || (p["lag_records"] == 0 && p["state"] == "streaming");
         if !caught_up {
@@ -314,7 +325,7 @@ pub fn run(args: &DemoArgs) -> Result<bool> {
         );
     }
 
-    let agent = agent();
+    let apis = Apis::new(&d)?;
     let cities: Vec<&GenNode> = d.nodes.iter().filter(|n| n.tier == Tier::City).collect();
     let data: Vec<_> = cities
         .iter()
@@ -335,8 +346,8 @@ pub fn run(args: &DemoArgs) -> Result<bool> {
             .iter()
             .zip(&data)
             .map(|(c, data)| {
-                let (agent, done) = (&agent, &done);
-                s.spawn(move || load_city(agent, c, data, done))
+                let (apis, done) = (&apis, &done);
+                s.spawn(move || load_city(apis, c, data, done))
             })
             .collect();
         while handles.iter().any(|h| !h.is_finished()) {
@@ -363,7 +374,7 @@ pub fn run(args: &DemoArgs) -> Result<bool> {
     let mut ok = false;
     let mut last_print = Instant::now();
     while Instant::now() < deadline {
-        let (all, at_national) = converged(&agent, &d, shared_expected)?;
+        let (all, at_national) = converged(&apis, &d, shared_expected)?;
         replicating.set_position(at_national);
         if !std::io::stderr().is_terminal() && last_print.elapsed() > Duration::from_secs(2) {
             eprintln!("demo: national holds {at_national}/{shared_expected} shared items");
@@ -380,7 +391,7 @@ pub fn run(args: &DemoArgs) -> Result<bool> {
     let converge_s = start.elapsed().as_secs_f64();
 
     let summary = summary(
-        &agent,
+        &apis,
         &d,
         ok,
         converge_s,
@@ -391,7 +402,7 @@ pub fn run(args: &DemoArgs) -> Result<bool> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        show(&agent, &d, &summary)?;
+        show(&apis, &d, &summary)?;
     }
     if !ok {
         eprintln!(
@@ -420,7 +431,7 @@ pub fn run(args: &DemoArgs) -> Result<bool> {
 }
 
 fn summary(
-    agent: &ureq::Agent,
+    apis: &Apis,
     d: &Generated,
     ok: bool,
     converge_s: f64,
@@ -432,7 +443,7 @@ fn summary(
     let mut per_tier: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
     let mut private_above = 0;
     for n in &d.nodes {
-        let s = get_json(agent, n, "/v1/status")?;
+        let s = get_json(apis, n, "/v1/status")?;
         let c = counts(&s);
         if n.tier != Tier::City {
             private_above += c.get("opportunity").copied().unwrap_or(0)
@@ -458,7 +469,7 @@ fn summary(
         for a in ["billing_by_city_month", "opportunities_by_city_stage_month"] {
             aggregates.insert(
                 a.to_string(),
-                get_json(agent, n, &format!("/v1/aggregates/{a}?group_by=origin"))?["rows"].clone(),
+                get_json(apis, n, &format!("/v1/aggregates/{a}?group_by=origin"))?["rows"].clone(),
             );
         }
     }
@@ -476,7 +487,7 @@ fn summary(
     }))
 }
 
-fn show(agent: &ureq::Agent, d: &Generated, summary: &Json) -> Result<()> {
+fn show(apis: &Apis, d: &Generated, summary: &Json) -> Result<()> {
     let mut t = comfy_table::Table::new();
     t.set_header([
         "node",
@@ -534,7 +545,7 @@ fn show(agent: &ureq::Agent, d: &Generated, summary: &Json) -> Result<()> {
         ] {
             println!(
                 "\n{title}:\n{}",
-                aggregate_table(&get_json(agent, national, path)?)
+                aggregate_table(&get_json(apis, national, path)?)
             );
         }
         if let Some(province) = d.nodes.iter().find(|n| n.tier == Tier::Province) {
@@ -545,10 +556,10 @@ fn show(agent: &ureq::Agent, d: &Generated, summary: &Json) -> Result<()> {
             println!(
                 "\nService activities, drilled down from national to {} (by city and type):\n{}",
                 province.id,
-                aggregate_table(&get_json(agent, national, &path)?)
+                aggregate_table(&get_json(apis, national, &path)?)
             );
         }
-        let s = get_json(agent, national, "/v1/status")?;
+        let s = get_json(apis, national, "/v1/status")?;
         println!(
             "\nCompleteness at national (everything each node wrote up to this time is here):"
         );
@@ -562,8 +573,8 @@ fn show(agent: &ureq::Agent, d: &Generated, summary: &Json) -> Result<()> {
         }
         if let Some(city) = d.nodes.iter().find(|n| n.tier == Tier::City) {
             let id = format!("{}-c000000", city.id);
-            let at_national = get_json(agent, national, &format!("/v1/customers/{id}"))?;
-            let at_city = get_json(agent, city, &format!("/v1/customers/{id}"))?;
+            let at_national = get_json(apis, national, &format!("/v1/customers/{id}"))?;
+            let at_city = get_json(apis, city, &format!("/v1/customers/{id}"))?;
             println!("\nUnified customer view of {id} at national (shared data only):");
             println!(
                 "{}",

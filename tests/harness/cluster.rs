@@ -154,6 +154,36 @@ impl Cluster {
         }
     }
 
+    /// Waits until the node serving its API at `api` reports an uplink error
+    /// containing `needle` (then returns it); panics with `who`'s log if it
+    /// does not within 30 s.
+    pub fn wait_uplink_error(&self, who: &str, api: std::net::SocketAddr, needle: &str) -> String {
+        let seen = wait_for(Duration::from_secs(30), || {
+            let mut r = self
+                .agent
+                .get(&format!("http://{api}/v1/status"))
+                .call()
+                .ok()?;
+            let s: Json = serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()?;
+            let err = s["links"]["parent"]["last_error"].as_str()?.to_string();
+            err.contains(needle).then_some(err)
+        });
+        seen.unwrap_or_else(|| {
+            panic!(
+                "{who}: uplink never reported {needle:?}; log: {}",
+                self.log(who)
+            )
+        })
+    }
+
+    /// The API address of a node of the deployment.
+    pub fn api(&self, id: &str) -> std::net::SocketAddr {
+        self.deployment
+            .node(id)
+            .unwrap_or_else(|| panic!("no node {id}"))
+            .api
+    }
+
     /// GET a path; `None` if the node does not answer.
     pub fn get_opt(&self, id: &str, path: &str) -> Option<Reply> {
         let mut r = self.agent.get(&self.url(id, path)).call().ok()?;

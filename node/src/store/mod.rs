@@ -685,7 +685,6 @@ impl Store {
     pub fn load_batch(&self, after: u64) -> Result<LoadedBatch, StoreError> {
         let limits = &self.policy.limits;
         let byte_budget = limits.max_frame_bytes / 2;
-        let mut keys: Vec<ItemKey> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut marks: BTreeMap<NodeId, Watermark> = BTreeMap::new();
         let mut items = Vec::new();
@@ -706,15 +705,18 @@ impl Store {
                         if items.len() >= limits.max_batch_items {
                             break;
                         }
-                        if let Some(item) = self.get(&category, &key)? {
-                            let size =
-                                encode(CF_DATA, &item)?.len() + category.len() + key.len() + 16;
+                        let raw = self
+                            .db
+                            .get_pinned_cf(self.cf(CF_DATA)?, data_key(&category, &key))?;
+                        if let Some(raw) = raw {
+                            // The stored encoding's size, without encoding again.
+                            let size = raw.len() + category.len() + key.len() + 16;
                             if bytes + size > byte_budget && !items.is_empty() {
                                 break;
                             }
+                            let item: Item = decode(CF_DATA, &raw)?;
                             bytes += size;
                             seen.insert((category.clone(), key.clone()));
-                            keys.push((category.clone(), key.clone()));
                             items.push(WireItem {
                                 category,
                                 key,
