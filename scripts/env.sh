@@ -5,8 +5,15 @@
 # Debian machine, as root, they are installed with apt-get; otherwise the
 # script says what to install and stops.
 
+# libclang itself (libclang.so / libclang-14.so.1), not libclang-cpp, which
+# some images ship alone and which bindgen cannot load; plus clang's own
+# headers (stddef.h), which bindgen needs to parse RocksDB's C header.
 _tiersync_have_libclang() {
-    ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1
+    compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null ||
+        compgen -G '/usr/lib/llvm-*/lib/libclang-[0-9]*.so*' >/dev/null ||
+        compgen -G '/usr/lib/*-linux-gnu/libclang-[0-9]*.so*' >/dev/null ||
+        return 1
+    compgen -G '/usr/lib/llvm-*/lib/clang/*/include/stddef.h' >/dev/null
 }
 
 _tiersync_install() {
