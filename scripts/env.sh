@@ -53,3 +53,9 @@ tiersync_ensure_test_deps() {
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tiersync/target}"
 # The single build profile used for tests, binaries and benches.
 export TIERSYNC_PROFILE=release
+
+# What the benchmark runner's PostgreSQL baseline needs.
+tiersync_ensure_bench_deps() {
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || _tiersync_install postgresql
+    command -v runuser >/dev/null 2>&1 || _tiersync_install util-linux
+}

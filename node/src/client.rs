@@ -318,6 +318,31 @@ impl Client {
         self.json(&url, self.agent.get(&url).call())
     }
 
+    /// `GET /metrics`: the Prometheus text exposition.
+    pub fn metrics(&self) -> Result<String, ClientError> {
+        let url = format!("{}/metrics", self.base);
+        let transport = |e: ureq::Error| ClientError::Transport {
+            url: url.clone(),
+            reason: e.to_string(),
+        };
+        let mut resp = self.agent.get(&url).call().map_err(transport)?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE_BYTES)
+            .read_to_string()
+            .map_err(transport)?;
+        if status != 200 {
+            return Err(ClientError::Unexpected {
+                url,
+                status,
+                reason: "GET /metrics did not answer 200".to_string(),
+            });
+        }
+        Ok(text)
+    }
+
     /// `GET /v1/status`.
     pub fn status(&self) -> Result<Json, ClientError> {
         let url = format!("{}/v1/status", self.base);
@@ -410,6 +435,27 @@ fn api_error(url: &str, status: u16, body: &Json) -> ClientError {
             reason: "no {\"error\": {\"code\", \"message\"}} in the body".to_string(),
         },
     }
+}
+
+/// The value of the series `name` with (at least) the labels `labels` in a
+/// Prometheus text exposition; label order does not matter.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let (have, value) = match rest.strip_prefix('{') {
+            Some(r) => {
+                let (inside, value) = r.split_once("} ")?;
+                (inside.split(',').collect::<Vec<_>>(), value)
+            }
+            None => (Vec::new(), rest.strip_prefix(' ')?),
+        };
+        wanted
+            .iter()
+            .all(|w| have.contains(&w.as_str()))
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
 }
 
 // ------------------------------------------------------------------ import
@@ -850,6 +896,20 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn metric_values_are_found_by_exact_series() {
+        let text =
+            "# TYPE g gauge\ng{origin=\"ab\"} 7\ng{peer=\"p\",origin=\"a\"} 12\ngx 3\nh 5.5\n";
+        assert_eq!(metric_value(text, "g", &[("origin", "a")]), Some(12.0));
+        assert_eq!(
+            metric_value(text, "g", &[("origin", "a"), ("peer", "p")]),
+            Some(12.0)
+        );
+        assert_eq!(metric_value(text, "g", &[("origin", "ab")]), Some(7.0));
+        assert_eq!(metric_value(text, "h", &[]), Some(5.5));
+        assert_eq!(metric_value(text, "g", &[("origin", "b")]), None);
+    }
 
     #[test]
     fn components_are_one_segment() {

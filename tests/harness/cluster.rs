@@ -19,6 +19,8 @@ pub struct Cluster {
     pub deployment: Generated,
     procs: BTreeMap<String, Child>,
     agent: ureq::Agent,
+    /// `RUST_LOG` of the nodes started from now on.
+    pub log_filter: String,
 }
 
 /// An HTTP answer: status and JSON body (`Null` if not JSON).
@@ -46,6 +48,7 @@ impl Cluster {
             deployment,
             procs: BTreeMap::new(),
             agent,
+            log_filter: "info,tiersync=debug".to_string(),
         }
     }
 
@@ -87,7 +90,7 @@ impl Cluster {
             &workspace_bin("tiersync"),
             &config,
             log,
-            &[("RUST_LOG", "info,tiersync=debug")],
+            &[("RUST_LOG", self.log_filter.as_str())],
             Duration::from_secs(30),
         )
         .unwrap_or_else(|e| panic!("{id} did not start: {e}; log: {}", self.log(id)));
@@ -98,6 +101,11 @@ impl Cluster {
     pub fn log(&self, id: &str) -> String {
         std::fs::read_to_string(self.dir.path().join("logs").join(format!("{id}.log")))
             .unwrap_or_default()
+    }
+
+    /// The process id of a running node.
+    pub fn pid(&self, id: &str) -> Option<u32> {
+        self.procs.get(id).map(Child::id)
     }
 
     /// SIGKILL.
