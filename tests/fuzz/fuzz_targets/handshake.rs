@@ -1,8 +1,8 @@
 //! A link session driven by a script decoded from the fuzz input.
 //!
-//! Byte 0 picks the side: bit 7 clear, the parent's `Downlink` (province
-//! `zhejiang`, children `hangzhou` and `ningbo`) with the peer
-//! `IDS[byte % 6]`; bit 7 set, a city's `Uplink` whose changelog holds
+//! Byte 0 picks the side: bit 7 clear, the parent's `Downlink` (`zhejiang`,
+//! a province, or the national node when bit 6 is set; children `hangzhou`
+//! and `ningbo`) with the peer `IDS[(byte & 0x3f) % 6]`; bit 7 set, a city's `Uplink` whose changelog holds
 //! entries `(low bits) + 1 ..= 20`. Then, repeatedly, an op byte (see
 //! `tiersync_fuzz::op`): a codec frame for the session (garbage ends the
 //! script, as it ends the connection), a driver answer, or a reconnect.
@@ -23,7 +23,7 @@ use std::collections::BTreeSet;
 use libfuzzer_sys::fuzz_target;
 use tiersync_fuzz::{
     NOW_MS, assert_allocations_bounded, downlink_config, handshake_seeds, id, max_frame_bytes, op,
-    policy, write_corpus_if_asked,
+    policy, trace, write_corpus_if_asked,
 };
 use tiersync_protocol::codec;
 use tiersync_protocol::frame::{Frame, PROTOCOL_VERSION, WireItem};
@@ -76,7 +76,7 @@ fuzz_target!(
         };
         let script = Script(rest);
         if header & 0x80 == 0 {
-            parent(id(usize::from(header)), script);
+            parent(id(usize::from(header & 0x3f)), header & 0x40 != 0, script);
         } else {
             child(u64::from(header & 0x7f) % 21, script);
         }
@@ -134,9 +134,9 @@ fn assert_acceptable(policy: &Policy, allowed: &BTreeSet<NodeId>, w: &WireItem) 
     }
 }
 
-fn parent(peer: NodeId, mut script: Script) {
+fn parent(peer: NodeId, national: bool, mut script: Script) {
     let policy = policy();
-    let cfg = downlink_config(&policy);
+    let cfg = downlink_config(&policy, national);
     let mut d = Downlink::new(cfg.clone(), peer.clone());
     let mut last_frame: Option<Frame> = None;
     let mut allowed: Option<BTreeSet<NodeId>> = None;
@@ -174,6 +174,9 @@ fn parent(peer: NodeId, mut script: Script) {
             Step::Changes(_) | Step::Reconnect => false,
         };
         while let Some(ev) = d.poll_event() {
+            if trace() {
+                eprintln!("parent: {ev:?}");
+            }
             assert!(!closed, "an event after Close: {ev:?}");
             match ev {
                 DownlinkEvent::Accepted { child, subtree, .. } => {
@@ -300,6 +303,9 @@ fn child(retained_from: u64, mut script: Script) {
         // Let the driver answer loads a bounded number of times per step.
         for _ in 0..64 {
             let Some(ev) = u.poll_event() else { break };
+            if trace() {
+                eprintln!("child: {ev:?}");
+            }
             match ev {
                 UplinkEvent::Send(Frame::Batch {
                     after, last_seq, ..

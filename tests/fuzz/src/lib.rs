@@ -55,6 +55,13 @@ pub fn assert_allocations_bounded() {
     );
 }
 
+/// Whether `TIERSYNC_FUZZ_TRACE` is set: the targets then print what the
+/// sessions do (to replay one input: `TARGET FILE`).
+pub fn trace() -> bool {
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("TIERSYNC_FUZZ_TRACE").is_some())
+}
+
 /// The wall clock of the fuzzed parent, ms.
 pub const NOW_MS: u64 = 1_750_000_000_000;
 
@@ -109,12 +116,16 @@ pub fn policy() -> Policy {
     }
 }
 
-/// The fuzzed parent: province `zhejiang` with children `hangzhou` and
-/// `ningbo`.
-pub fn downlink_config(policy: &Policy) -> DownlinkConfig {
+/// The fuzzed parent `zhejiang` with children `hangzhou` and `ningbo`: a
+/// province, or (`national`) the root, whose children may relay.
+pub fn downlink_config(policy: &Policy, national: bool) -> DownlinkConfig {
     DownlinkConfig {
         node: id(0),
-        tier: Tier::Province,
+        tier: if national {
+            Tier::National
+        } else {
+            Tier::Province
+        },
         policy_digest: policy.digest(),
         children: BTreeSet::from([id(1), id(2)]),
     }
@@ -220,14 +231,62 @@ pub fn sample_frames() -> Vec<Frame> {
             message: "no".into(),
         },
         // Invalid: a private item, a foreign origin.
+        bad_batch(vec![
+            record("opportunity", "o1", 1),
+            record("customer", "c2", 3),
+        ]),
+    ]
+}
+
+fn bad_batch(items: Vec<WireItem>) -> Frame {
+    Frame::Batch {
+        after: 3,
+        last_seq: 4,
+        upto_hlc: stamp(NOW_MS, 1).hlc,
+        items,
+        watermarks: vec![],
+    }
+}
+
+/// Batches a parent must refuse from `hangzhou` (after a merge up to 3),
+/// one rule each.
+pub fn refused_frames() -> Vec<Frame> {
+    let mut future = record("customer", "c3", 1);
+    if let Item::Record(r) = &mut future.item {
+        r.delete(stamp(NOW_MS + 3_600_000, 1));
+    }
+    let mut wrong_kind = bill("b2", 1);
+    wrong_kind.category = "customer".into();
+    let foreign_counters = counters(3);
+    let mut v = vec![
+        bad_batch(vec![record("opportunity", "o1", 1)]),
+        bad_batch(vec![record("customer", "c2", 3)]),
+        bad_batch(vec![future]),
+        bad_batch(vec![wrong_kind]),
+        bad_batch(vec![record("nope", "n1", 1)]),
+        bad_batch(vec![record("customer", "", 1)]),
+        Frame::Batch {
+            after: 9,
+            last_seq: 12,
+            upto_hlc: stamp(NOW_MS, 1).hlc,
+            items: vec![],
+            watermarks: vec![],
+        },
         Frame::Batch {
             after: 3,
             last_seq: 4,
             upto_hlc: stamp(NOW_MS, 1).hlc,
-            items: vec![record("opportunity", "o1", 1), record("customer", "c2", 3)],
-            watermarks: vec![],
+            items: vec![],
+            watermarks: vec![Watermark {
+                origin: id(3),
+                incarnation: 1,
+                seq: 1,
+                hlc: stamp(NOW_MS, 3).hlc,
+            }],
         },
-    ]
+    ];
+    v.extend(foreign_counters.map(|c| bad_batch(vec![c])));
+    v
 }
 
 /// Control bytes of the `handshake` target (see its doc).
@@ -275,7 +334,22 @@ pub fn handshake_seeds() -> Vec<Vec<u8>> {
         }],
     };
     let f = |i: usize| Some(&frames[i]);
-    // Parent side (header bit 7 clear), peer hangzhou (1).
+    // Parent side: a merge up to 3, then one batch it must refuse.
+    for bad in refused_frames() {
+        push(
+            1,
+            &[
+                (op::FRAME, f(0), 0),
+                (op::CURSOR, None, 0),
+                (op::FRAME, f(2), 0),
+                (op::MERGED, None, 0),
+                (op::FRAME, Some(&bad), 0),
+                (op::MERGED, None, 0),
+            ],
+        );
+    }
+    // Parent side (header bit 7 clear, bit 6 for a national parent), peer
+    // hangzhou (1).
     push(
         1,
         &[
@@ -299,7 +373,7 @@ pub fn handshake_seeds() -> Vec<Vec<u8>> {
         ],
     );
     push(
-        1,
+        0x40 | 1,
         &[
             (op::FRAME, Some(&relay), 0),
             (op::CURSOR, None, 3),
