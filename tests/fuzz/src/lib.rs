@@ -5,9 +5,7 @@
 //! `TIERSYNC_FUZZ_WRITE_CORPUS=DIR` and it writes its seeds to `DIR` and
 //! exits (`scripts/fuzz.sh` does this before every run).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tiersync_protocol::aggregate::{COUNTERS_CATEGORY, Compiled, Counters};
 use tiersync_protocol::codec;
@@ -18,36 +16,14 @@ use tiersync_protocol::{
     Category, Hlc, Item, Kind, LogEntry, NodeId, Policy, Record, Replicate, Stamp, Tier, Value,
 };
 
-/// The system allocator, recording the largest single allocation.
-pub struct Counting;
-
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: delegates every call to the system allocator unchanged.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        // SAFETY: same layout contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: ptr was allocated by System with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        // SAFETY: forwarded unchanged.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+// The counting allocator of `protocol/tests/decode_alloc.rs`, shared.
+#[path = "../../../protocol/tests/common/counting_alloc.rs"]
+mod counting_alloc;
 
 /// Fails if any Rust allocation so far was larger than the codec's hard
 /// limit: hostile bytes must not make the decoder trust a length prefix.
 pub fn assert_allocations_bounded() {
-    let largest = LARGEST.load(Ordering::Relaxed);
+    let largest = counting_alloc::largest();
     assert!(
         largest <= codec::HARD_MAX_BYTES,
         "an allocation of {largest} bytes, over the codec's limit of {}",
@@ -334,7 +310,8 @@ pub fn handshake_seeds() -> Vec<Vec<u8>> {
         }],
     };
     let f = |i: usize| Some(&frames[i]);
-    // Parent side: a merge up to 3, then one batch it must refuse.
+    // Parent side (header bit 7 clear, bit 6 for a national parent), peer
+    // hangzhou (1): a merge up to 3, a ping, then one batch it must refuse.
     for bad in refused_frames() {
         push(
             1,
@@ -343,24 +320,12 @@ pub fn handshake_seeds() -> Vec<Vec<u8>> {
                 (op::CURSOR, None, 0),
                 (op::FRAME, f(2), 0),
                 (op::MERGED, None, 0),
+                (op::FRAME, f(4), 0),
                 (op::FRAME, Some(&bad), 0),
                 (op::MERGED, None, 0),
             ],
         );
     }
-    // Parent side (header bit 7 clear, bit 6 for a national parent), peer
-    // hangzhou (1).
-    push(
-        1,
-        &[
-            (op::FRAME, f(0), 0),
-            (op::CURSOR, None, 0),
-            (op::FRAME, f(2), 0),
-            (op::MERGED, None, 0),
-            (op::FRAME, f(4), 0),
-            (op::FRAME, f(9), 0),
-        ],
-    );
     push(
         1,
         &[
