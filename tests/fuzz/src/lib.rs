@@ -311,32 +311,28 @@ pub fn handshake_seeds() -> Vec<Vec<u8>> {
     };
     let f = |i: usize| Some(&frames[i]);
     // Parent side (header bit 7 clear, bit 6 for a national parent), peer
-    // hangzhou (1): a merge up to 3, a ping, then one batch it must refuse.
+    // hangzhou (1): Hello, the cursor (0), then `then`.
+    let mut accepted = |then: &[(u8, Option<&Frame>, u8)]| {
+        let opening = [(op::FRAME, f(0), 0), (op::CURSOR, None, 0)];
+        push(1, &[&opening[..], then].concat());
+    };
+    // A merge up to 3, a ping, then one batch it must refuse.
     for bad in refused_frames() {
-        push(
-            1,
-            &[
-                (op::FRAME, f(0), 0),
-                (op::CURSOR, None, 0),
-                (op::FRAME, f(2), 0),
-                (op::MERGED, None, 0),
-                (op::FRAME, f(4), 0),
-                (op::FRAME, Some(&bad), 0),
-                (op::MERGED, None, 0),
-            ],
-        );
+        accepted(&[
+            (op::FRAME, f(2), 0),
+            (op::MERGED, None, 0),
+            (op::FRAME, f(4), 0),
+            (op::FRAME, Some(&bad), 0),
+            (op::MERGED, None, 0),
+        ]);
     }
-    push(
-        1,
-        &[
-            (op::FRAME, f(0), 0),
-            (op::CURSOR, None, 0),
-            (op::FRAME, f(5), 0),
-            (op::MERGED, None, 0),
-            (op::FRAME, f(6), 0),
-            (op::MERGED, None, 0),
-        ],
-    );
+    // A snapshot.
+    accepted(&[
+        (op::FRAME, f(5), 0),
+        (op::MERGED, None, 0),
+        (op::FRAME, f(6), 0),
+        (op::MERGED, None, 0),
+    ]);
     push(
         0x40 | 1,
         &[
