@@ -2,39 +2,14 @@
 //!
 //! A counting global allocator records the largest single allocation made
 //! while decoding; property-tested over arbitrary and adversarial inputs.
-#![allow(unsafe_code)] // a GlobalAlloc wrapper is unsafe by definition
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
 
 use proptest::prelude::*;
 use tiersync_protocol::Item;
 use tiersync_protocol::codec::{self, HARD_MAX_BYTES, VERSION};
 use tiersync_protocol::frame::Frame;
-
-struct Counting;
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: delegates every call to the system allocator unchanged.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        // SAFETY: same layout contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: ptr was allocated by System with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        // SAFETY: forwarded unchanged.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
 
 fn decode_all(bytes: &[u8]) {
     let _ = codec::decode_stored::<Item>(bytes);
@@ -60,13 +35,13 @@ proptest! {
     #[test]
     fn arbitrary_bytes_stay_within_the_limit(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         decode_all(&bytes);
-        prop_assert!(LARGEST.load(Ordering::Relaxed) <= HARD_MAX_BYTES);
+        prop_assert!(counting_alloc::largest() <= HARD_MAX_BYTES);
     }
 
     #[test]
     fn lying_length_prefixes_stay_within_the_limit(bytes in adversarial()) {
         decode_all(&bytes);
-        prop_assert!(LARGEST.load(Ordering::Relaxed) <= HARD_MAX_BYTES);
+        prop_assert!(counting_alloc::largest() <= HARD_MAX_BYTES);
     }
 }
 
@@ -76,5 +51,5 @@ fn terabyte_claims_are_errors() {
         VERSION, 3, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
     ];
     assert!(codec::decode_stored::<Frame>(&evil).is_err());
-    assert!(LARGEST.load(Ordering::Relaxed) <= HARD_MAX_BYTES);
+    assert!(counting_alloc::largest() <= HARD_MAX_BYTES);
 }
