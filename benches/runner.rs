@@ -43,9 +43,10 @@ struct Args {
     /// Skip the PostgreSQL baseline.
     #[arg(long)]
     no_pg: bool,
-    /// Where to write `results.json` and splice `RESULTS.md`.
-    #[arg(long, default_value = "benches")]
-    out: PathBuf,
+    /// Where to write `results.json` and splice `RESULTS.md` (default: the
+    /// repository's `benches/`).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// cargo passes `--bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -99,11 +100,15 @@ fn main() -> anyhow::Result<()> {
     }
     r.targets = report::targets(&r);
 
-    std::fs::create_dir_all(&args.out)?;
-    let json_path = args.out.join("results.json");
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| tiersync_benches::repo_root().join("benches"));
+    std::fs::create_dir_all(&out)?;
+    let json_path = out.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&r)? + "\n")
         .with_context(|| format!("writing {}", json_path.display()))?;
-    let md_path = args.out.join("RESULTS.md");
+    let md_path = out.join("RESULTS.md");
     let existing =
         std::fs::read_to_string(&md_path).unwrap_or_else(|_| "# Benchmark results\n".into());
     let md = report::markdown(&r);

@@ -11,6 +11,7 @@ pub mod keys;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rocksdb::{
@@ -271,6 +272,12 @@ struct WriterState {
     last_seq: u64,
 }
 
+/// Memtables of all column families together (RocksDB flushes the largest
+/// when they reach it).
+const MEMTABLE_BUDGET_BYTES: usize = 128 << 20;
+/// The block cache shared by all column families.
+const BLOCK_CACHE_BYTES: usize = 64 << 20;
+
 /// The node's store.
 pub struct Store {
     db: DB,
@@ -284,6 +291,10 @@ pub struct Store {
     writer: Mutex<WriterState>,
     /// The last committed sequence number and its HLC, for the uplink.
     committed: watch::Sender<(u64, Hlc)>,
+    /// Changelog entries up to here are trimmed. Kept in memory because the
+    /// uplink asks for it on every event, and finding the first live key
+    /// behind many range deletions costs more the longer a node runs.
+    trimmed_upto: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -317,9 +328,26 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Memory stays bounded whatever the data size: one memtable budget
+        // for all column families (the largest is flushed when it is
+        // reached) and one block cache shared by them.
+        opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
+        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+        let cf_opts = || {
+            let mut table = rocksdb::BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            // Most point reads are of keys not there yet (a first write, a
+            // first merge): a bloom filter answers them without reading
+            // every level's index.
+            table.set_bloom_filter(10.0, false);
+            let mut o = Options::default();
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            o.set_block_based_table_factory(&table);
+            o
+        };
         let cfs = ALL_CFS
             .iter()
-            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+            .map(|name| ColumnFamilyDescriptor::new(*name, cf_opts()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
 
         let meta = db
@@ -372,7 +400,20 @@ impl Store {
                 last_seq,
             }),
             committed: watch::channel((0, Hlc::ZERO)).0,
+            trimmed_upto: AtomicU64::new(0),
         };
+        let first_live = store
+            .db
+            .iterator_cf(store.cf(CF_CHANGELOG)?, IteratorMode::Start)
+            .next()
+            .transpose()?
+            .and_then(|(k, _)| parse_seq(&k));
+        // The changelog is contiguous: everything below its first entry (or
+        // all of it, when it is empty) was trimmed.
+        store.trimmed_upto.store(
+            first_live.map_or(last_seq, |f| f.saturating_sub(1)),
+            Ordering::SeqCst,
+        );
         store.rebuild_changed_aggregates()?;
         let (last_seq, hlc) = {
             let st = store.lock()?;
@@ -653,15 +694,7 @@ impl Store {
     /// The lowest sequence number the changelog still holds (`last_seq + 1`
     /// when it is empty).
     pub fn retained_from(&self) -> Result<u64, StoreError> {
-        let first = self
-            .db
-            .iterator_cf(self.cf(CF_CHANGELOG)?, IteratorMode::Start)
-            .next()
-            .transpose()?;
-        match first.and_then(|(k, _)| parse_seq(&k)) {
-            Some(seq) => Ok(seq),
-            None => Ok(self.last_seq()? + 1),
-        }
+        Ok(self.trimmed_upto.load(Ordering::SeqCst) + 1)
     }
 
     /// Removes changelog entries at or below `upto` (the parent acknowledged
@@ -675,6 +708,7 @@ impl Store {
         let mut b = WriteBatch::default();
         b.delete_range_cf(self.cf(CF_CHANGELOG)?, seq_key(from), seq_key(upto + 1));
         self.db.write_opt(b, &WriteOptions::default())?;
+        self.trimmed_upto.fetch_max(upto, Ordering::SeqCst);
         Ok(())
     }
 
