@@ -321,18 +321,7 @@ impl Client {
     /// `GET /metrics`: the Prometheus text exposition.
     pub fn metrics(&self) -> Result<String, ClientError> {
         let url = format!("{}/metrics", self.base);
-        let transport = |e: ureq::Error| ClientError::Transport {
-            url: url.clone(),
-            reason: e.to_string(),
-        };
-        let mut resp = self.agent.get(&url).call().map_err(transport)?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(MAX_RESPONSE_BYTES)
-            .read_to_string()
-            .map_err(transport)?;
+        let (status, text) = self.exchange_text(&url, self.agent.get(&url).call())?;
         if status != 200 {
             return Err(ClientError::Unexpected {
                 url,
@@ -371,12 +360,12 @@ impl Client {
         })
     }
 
-    /// Status and parsed JSON body of an exchange.
-    fn exchange(
+    /// Status and body text of an exchange (at most `MAX_RESPONSE_BYTES`).
+    fn exchange_text(
         &self,
         url: &str,
         r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> Result<(u16, Json), ClientError> {
+    ) -> Result<(u16, String), ClientError> {
         let transport = |e: ureq::Error| ClientError::Transport {
             url: url.to_string(),
             reason: e.to_string(),
@@ -389,6 +378,16 @@ impl Client {
             .limit(MAX_RESPONSE_BYTES)
             .read_to_string()
             .map_err(transport)?;
+        Ok((status, text))
+    }
+
+    /// Status and parsed JSON body of an exchange.
+    fn exchange(
+        &self,
+        url: &str,
+        r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<(u16, Json), ClientError> {
+        let (status, text) = self.exchange_text(url, r)?;
         match serde_json::from_str(&text) {
             Ok(body) => Ok((status, body)),
             Err(_) => {
