@@ -490,14 +490,11 @@ impl Cluster {
                     if !policy.replicates_up(&k.0) {
                         continue;
                     }
-                    match want.get_mut(k) {
-                        Some(m) => {
+                    want.entry(k.clone())
+                        .and_modify(|m| {
                             m.merge(item);
-                        }
-                        None => {
-                            want.insert(k.clone(), item.clone());
-                        }
-                    }
+                        })
+                        .or_insert_with(|| item.clone());
                 }
             }
             let have = &stores[n.id.as_str()];
