@@ -56,7 +56,9 @@ if [ -f scripts/fuzz.sh ]; then
 fi
 
 echo "soak: summaries" >&2
-grep -hE '^(partition|diskfull|kill|failpoints|crash test|simulation|sim|fuzz)[ :]' "$logs"/*.log || true
+# With --nocapture a summary may follow "test NAME ... " on its line.
+grep -hE '(^|\.\.\. )(partition|diskfull|kill|failpoints|crash test|simulation|sim|fuzz)[ :]' "$logs"/*.log |
+    sed -E 's/^test .* \.\.\. //' || true
 if [ ${#failed[@]} -gt 0 ]; then
     echo "soak: FAILED: ${failed[*]}" >&2
     exit 1
