@@ -7,68 +7,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is the test failure report
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::json;
 use tiersync::deploygen::Spec;
 use tiersync_protocol::Tier;
-use tiersync_protocol::policy::Replicate;
-use tiersync_tests::cluster::{Cluster, Items};
-use tiersync_tests::example_policy;
+use tiersync_tests::cluster::Cluster;
 
 const CONVERGE: Duration = Duration::from_secs(60);
-
-/// Stops every node, then checks each non-city node holds exactly the merge
-/// of the shared items of the cities below it.
-fn assert_tiers_hold_merge_of_subtree(c: &mut Cluster) {
-    c.stop_all();
-    let policy = example_policy();
-    let stores: BTreeMap<String, Items> = c
-        .deployment
-        .nodes
-        .iter()
-        .map(|n| (n.id.to_string(), c.read_store(n.id.as_str())))
-        .collect();
-    for n in &c.deployment.nodes {
-        if n.tier == Tier::City {
-            continue;
-        }
-        let mut want = Items::new();
-        for city in c.cities_below(n.id.as_str()) {
-            for (k, item) in &stores[city.as_str()] {
-                if !policy.replicates_up(&k.0) {
-                    continue;
-                }
-                match want.get_mut(k) {
-                    Some(m) => {
-                        m.merge(item);
-                    }
-                    None => {
-                        want.insert(k.clone(), item.clone());
-                    }
-                }
-            }
-        }
-        let have = &stores[n.id.as_str()];
-        for k in have.keys() {
-            assert_ne!(
-                policy
-                    .categories
-                    .get(&k.0)
-                    .map(|c| c.replicate)
-                    .unwrap_or(Replicate::Up),
-                Replicate::Local,
-                "private item {k:?} reached {}",
-                n.id
-            );
-        }
-        assert_eq!(have.len(), want.len(), "item count at {}", n.id);
-        for (k, item) in &want {
-            assert_eq!(have.get(k), Some(item), "{k:?} at {}", n.id);
-        }
-    }
-}
 
 fn write_city_data(c: &Cluster, city: &str, n: usize) {
     for i in 0..n {
@@ -174,7 +120,7 @@ fn three_tiers_converge_and_private_data_stays_home() {
             .status,
         404
     );
-    assert_tiers_hold_merge_of_subtree(&mut c);
+    c.assert_tiers_hold_merge_of_subtree();
 }
 
 fn small() -> Spec {
@@ -185,25 +131,14 @@ fn small() -> Spec {
     }
 }
 
-fn bulk_customers(c: &Cluster, city: &str, from: usize, n: usize) {
-    for chunk in (from..from + n).collect::<Vec<_>>().chunks(500) {
-        let lines: Vec<_> = chunk
-            .iter()
-            .map(|i| json!({"key": format!("bulk-{i}"), "fields": {"name": format!("n{i}"), "pad": "x".repeat(200)}}))
-            .collect();
-        let r = c.bulk(city, "customer", &lines);
-        assert_eq!(r.status, 200, "{:?}", r.body);
-    }
-}
-
 #[test]
 fn parent_killed_mid_stream_loses_nothing_and_a_wiped_parent_is_refilled() {
     let mut c = Cluster::new(&small());
     c.start_all();
-    bulk_customers(&c, "hangzhou", 0, 3000);
+    c.bulk_customers("hangzhou", "bulk-", 0, 3000);
     // Kill the province while batches are in flight, then bring it back.
     c.kill("zhejiang");
-    bulk_customers(&c, "hangzhou", 3000, 500);
+    c.bulk_customers("hangzhou", "bulk-", 3000, 500);
     c.start("zhejiang");
     assert!(c.wait_converged(CONVERGE), "did not converge after kill -9");
     assert_eq!(
@@ -218,7 +153,7 @@ fn parent_killed_mid_stream_loses_nothing_and_a_wiped_parent_is_refilled() {
     c.start("zhejiang");
     assert!(c.wait_converged(CONVERGE), "did not converge after wipe");
     assert_eq!(c.get("zhejiang", "/v1/records/customer/bulk-0").status, 200);
-    assert_tiers_hold_merge_of_subtree(&mut c);
+    c.assert_tiers_hold_merge_of_subtree();
 }
 
 #[test]

@@ -468,6 +468,7 @@ fn topology(files: &[PathBuf], json: bool) -> Result<()> {
 
 fn run(config_path: PathBuf) -> Result<()> {
     let loaded = config::load(&config_path)?;
+    crate::failpoints::setup_from_env()?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod deploygen;
 pub mod deployment;
+pub mod failpoints;
 pub mod json;
 pub mod link;
 pub mod node;

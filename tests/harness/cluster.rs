@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Child;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 use tiersync::deploygen::{self, Generated, Spec};
@@ -81,6 +81,48 @@ impl Cluster {
 
     /// Starts a node from any config file and waits until it serves.
     pub fn start_with(&mut self, id: &str, config: PathBuf) {
+        self.spawn(id, config, &[]);
+    }
+
+    /// Starts a node with extra environment variables (e.g. `FAILPOINTS`)
+    /// and waits until it reports ready.
+    pub fn start_env(&mut self, id: &str, envs: &[(&str, &str)]) {
+        let config = self.config(id);
+        self.spawn(id, config, envs);
+    }
+
+    /// Starts a node and returns the time from spawning the process to its
+    /// API answering `GET /v1/status`.
+    pub fn start_timed(&mut self, id: &str) -> Duration {
+        let t = Instant::now();
+        self.start(id);
+        let up = wait_for(Duration::from_secs(30), || {
+            (self.get_opt(id, "/v1/status")?.status == 200).then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "{id} reported ready but its API does not answer"
+        );
+        t.elapsed()
+    }
+
+    /// Whether the harness started node `id` and it has not been reaped.
+    pub fn is_running(&self, id: &str) -> bool {
+        self.procs.contains_key(id)
+    }
+
+    /// Waits (up to `timeout`) for node `id` to exit by itself (a fail point
+    /// aborting it); returns its exit status.
+    pub fn wait_exit(&mut self, id: &str, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.procs.get_mut(id)?;
+        let status = wait_for(timeout, || child.try_wait().ok().flatten())?;
+        self.procs.remove(id);
+        Some(status)
+    }
+
+    fn spawn(&mut self, id: &str, config: PathBuf, envs: &[(&str, &str)]) {
+        let mut all = vec![("RUST_LOG", self.log_filter.as_str())];
+        all.extend_from_slice(envs);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -90,7 +132,7 @@ impl Cluster {
             &workspace_bin("tiersync"),
             &config,
             log,
-            &[("RUST_LOG", self.log_filter.as_str())],
+            &all,
             Duration::from_secs(30),
         )
         .unwrap_or_else(|e| panic!("{id} did not start: {e}; log: {}", self.log(id)));
@@ -321,6 +363,273 @@ impl Cluster {
             })
             .map(|n| n.id.to_string())
             .collect()
+    }
+}
+
+impl Cluster {
+    /// The QUIC peer address node `id` listens on (from its config file).
+    pub fn peer_addr(&self, id: &str) -> std::net::SocketAddr {
+        tiersync::config::load(&self.config(id))
+            .unwrap_or_else(|e| panic!("config of {id}: {e}"))
+            .config
+            .listen
+            .peer
+    }
+
+    /// Points node `id`'s uplink at `addr` (e.g. a fault proxy), as an
+    /// operator would. Takes effect at the node's next start.
+    pub fn set_parent_addr(&self, id: &str, addr: std::net::SocketAddr) {
+        self.set_config_value(id, "parent", "addr", &format!("\"{addr}\""));
+    }
+
+    /// Moves node `id`'s data directory to `dir` (e.g. a small tmpfs).
+    /// Takes effect at the node's next start.
+    pub fn set_data_dir(&mut self, id: &str, dir: &std::path::Path) {
+        self.set_config_value(
+            id,
+            "node",
+            "data_dir",
+            &format!("{:?}", dir.display().to_string()),
+        );
+        if let Some(n) = self
+            .deployment
+            .nodes
+            .iter_mut()
+            .find(|n| n.id.as_str() == id)
+        {
+            n.data_dir = dir.to_path_buf();
+        }
+    }
+
+    /// Replaces `key = …` in `[section]` of node `id`'s config file with
+    /// `key = value` (`value` in TOML syntax).
+    fn set_config_value(&self, id: &str, section: &str, key: &str, value: &str) {
+        let path = self.config(id);
+        let text = std::fs::read_to_string(&path).expect("read node config");
+        let (header, prefix) = (format!("[{section}]"), format!("{key} = "));
+        let mut out = String::new();
+        let mut inside = false;
+        let mut done = false;
+        for line in text.lines() {
+            if line.starts_with('[') {
+                inside = line == header;
+            }
+            if inside && line.starts_with(&prefix) {
+                out.push_str(&format!("{prefix}{value}"));
+                done = true;
+            } else {
+                out.push_str(line);
+            }
+            out.push('\n');
+        }
+        assert!(done, "{id} has no {key} in [{section}] to override");
+        std::fs::write(&path, out).expect("write node config");
+    }
+
+    /// Writes customers `{prefix}{from}` .. `{prefix}{from + n - 1}` at
+    /// `city` through the NDJSON bulk endpoint (500 a request), each with a
+    /// 200-byte pad; every line must be acknowledged.
+    pub fn bulk_customers(&self, city: &str, prefix: &str, from: usize, n: usize) {
+        for chunk in (from..from + n).collect::<Vec<_>>().chunks(500) {
+            let lines: Vec<_> = chunk
+                .iter()
+                .map(|i| serde_json::json!({"key": format!("{prefix}{i}"), "fields": {"name": format!("n{i}"), "pad": "x".repeat(200)}}))
+                .collect();
+            let r = self.bulk(city, "customer", &lines);
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            assert_eq!(
+                r.body["written"].as_u64(),
+                Some(chunk.len() as u64),
+                "{:?}",
+                r.body
+            );
+        }
+    }
+
+    /// Waits until node `top` holds everything each running city below it
+    /// has written: its completeness watermark of the city equals the
+    /// city's last sequence number, and every running node's uplink has
+    /// nothing left to send. Returns how long that took, `None` on timeout.
+    pub fn wait_complete_at(&self, top: &str, timeout: Duration) -> Option<Duration> {
+        let t = Instant::now();
+        let cities: Vec<String> = self
+            .cities_below(top)
+            .into_iter()
+            .filter(|c| self.is_running(c))
+            .collect();
+        wait_for(timeout, || {
+            let marks = self.get_opt(top, "/v1/status")?.body["links"]["watermarks"].clone();
+            for city in &cities {
+                let seq = self.get_opt(city, "/v1/status")?.body["last_seq"].as_u64()?;
+                if marks[city.as_str()]["seq"].as_u64() != Some(seq) {
+                    return None;
+                }
+            }
+            let idle = self.procs.keys().all(|id| {
+                self.get_opt(id, "/v1/status").is_some_and(|r| {
+                    let parent = &r.body["links"]["parent"];
+                    parent.is_null() || parent["lag_records"] == 0
+                })
+            });
+            idle.then(|| t.elapsed())
+        })
+    }
+
+    /// Stops every node, then checks each non-city node holds exactly the
+    /// CRDT merge of the shared items of the cities below it, and no private
+    /// item. Returns every node's store.
+    pub fn assert_tiers_hold_merge_of_subtree(&mut self) -> BTreeMap<String, Items> {
+        use tiersync_protocol::policy::Replicate;
+        self.stop_all();
+        let policy = crate::example_policy();
+        let stores: BTreeMap<String, Items> = self
+            .deployment
+            .nodes
+            .iter()
+            .map(|n| (n.id.to_string(), self.read_store(n.id.as_str())))
+            .collect();
+        for n in &self.deployment.nodes {
+            if n.tier == tiersync_protocol::Tier::City {
+                continue;
+            }
+            let mut want = Items::new();
+            for city in self.cities_below(n.id.as_str()) {
+                for (k, item) in &stores[city.as_str()] {
+                    if !policy.replicates_up(&k.0) {
+                        continue;
+                    }
+                    want.entry(k.clone())
+                        .and_modify(|m| {
+                            m.merge(item);
+                        })
+                        .or_insert_with(|| item.clone());
+                }
+            }
+            let have = &stores[n.id.as_str()];
+            for k in have.keys() {
+                assert_ne!(
+                    policy
+                        .categories
+                        .get(&k.0)
+                        .map(|c| c.replicate)
+                        .unwrap_or(Replicate::Up),
+                    Replicate::Local,
+                    "private item {k:?} reached {}",
+                    n.id
+                );
+            }
+            assert_eq!(have.len(), want.len(), "item count at {}", n.id);
+            for (k, item) in &want {
+                assert_eq!(have.get(k), Some(item), "{k:?} at {}", n.id);
+            }
+        }
+        stores
+    }
+}
+
+/// Checks every write an [`AckedWriter`] saw acknowledged is in `items`
+/// (a store read with [`Cluster::read_store`]) with the value written.
+pub fn assert_acked_present(items: &Items, acked: &[(String, i64)], at: &str) {
+    for (key, n) in acked {
+        let k = ("customer".to_string(), key.clone());
+        let doc = match items.get(&k) {
+            Some(tiersync_protocol::Item::Record(r)) => r.document(),
+            other => panic!("acknowledged customer/{key} is missing at {at}: {other:?}"),
+        };
+        assert_eq!(
+            doc.get("n").copied(),
+            Some(&tiersync_protocol::Value::Int(*n)),
+            "content of acknowledged customer/{key} at {at}"
+        );
+    }
+}
+
+/// A thread that PUTs fresh customers (`{prefix}-{i}`, `{"n": i}`) at one
+/// node's API, one at a time, and logs which were acknowledged (HTTP 200).
+/// A refused or broken request (the node killed or restarting) is logged as
+/// failed and the next key is tried after a short pause.
+pub struct AckedWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::Mutex<Vec<(String, i64)>>>,
+    failed: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AckedWriter {
+    /// Starts writing to the API at `api`.
+    pub fn start(api: std::net::SocketAddr, prefix: &str) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let (s, a, f) = (stop.clone(), acked.clone(), failed.clone());
+        let prefix = prefix.to_string();
+        let thread = std::thread::spawn(move || {
+            let agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(10)))
+                .build()
+                .new_agent();
+            let mut i: i64 = 0;
+            while !s.load(Ordering::SeqCst) {
+                let key = format!("{prefix}-{i}");
+                let url = format!("http://{api}/v1/records/customer/{key}");
+                let ok = agent
+                    .put(&url)
+                    .content_type("application/json")
+                    .send(&serde_json::json!({ "n": i }).to_string())
+                    .is_ok_and(|r| r.status() == 200);
+                if ok {
+                    a.lock().expect("log").push((key, i));
+                } else {
+                    f.lock().expect("log").push(key);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                i += 1;
+            }
+        });
+        Self {
+            stop,
+            acked,
+            failed,
+            thread: Some(thread),
+        }
+    }
+
+    /// Writes acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.lock().expect("log").len()
+    }
+
+    /// Keys whose write failed so far, in order.
+    pub fn failed_keys(&self) -> Vec<String> {
+        self.failed.lock().expect("log").clone()
+    }
+
+    /// Waits until `n` more writes than `since` are acknowledged.
+    pub fn wait_acked(&self, since: usize, n: usize, timeout: Duration) -> bool {
+        wait_for(timeout, || (self.acked() >= since + n).then_some(())).is_some()
+    }
+
+    /// Stops the thread; returns (acknowledged, failed) writes.
+    pub fn finish(mut self) -> (Vec<(String, i64)>, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("writer thread");
+        }
+        let acked = std::mem::take(&mut *self.acked.lock().expect("log"));
+        let failed = std::mem::take(&mut *self.failed.lock().expect("log"));
+        (acked, failed)
+    }
+}
+
+impl Drop for AckedWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tiersync_protocol::Policy;
 
 pub mod cluster;
+pub mod proxy;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -54,6 +55,28 @@ pub fn wait_for<T>(timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> Op
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Median and 99th percentile of `samples` (nearest rank), in ms.
+pub fn p50_p99_ms(samples: &[Duration]) -> (u128, u128) {
+    let mut v: Vec<u128> = samples.iter().map(Duration::as_millis).collect();
+    v.sort_unstable();
+    let rank = |q: f64| -> u128 {
+        if v.is_empty() {
+            return 0;
+        }
+        let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+        v[i]
+    };
+    (rank(0.50), rank(0.99))
+}
+
+/// The seed of a test's RNG: `TIERSYNC_SEED` if set, else `default`.
+pub fn env_seed(default: u64) -> u64 {
+    std::env::var("TIERSYNC_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 /// A count from the environment (for soak runs), or `default`.

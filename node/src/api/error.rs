@@ -19,6 +19,7 @@
 //! | `conflict` | 409 | a log key already holds other content |
 //! | `body_too_large` | 413 | the body is over the node's `api.max_body_bytes` |
 //! | `item_too_large` | 413 | the encoded item would be over the policy's `max_item_bytes` |
+//! | `storage_full` | 507 | the data directory's disk is full: nothing of the request is acknowledged; writes resume once space is freed |
 //! | `unavailable` | 503 | the store failed or is shutting down (the message says why) |
 //! | `internal` | 500 | a bug (a handler task panicked) |
 
@@ -45,7 +46,7 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Stable, machine-readable: `invalid_json`, `not_an_object`,
     /// `invalid_key`, `unknown_category`, `not_found`, `conflict`,
-    /// `wrong_kind`, `body_too_large`, `unavailable`, …
+    /// `wrong_kind`, `body_too_large`, `storage_full`, `unavailable`, …
     #[schema(example = "invalid_key")]
     pub code: String,
     /// For people; may change between versions.
@@ -90,6 +91,11 @@ impl ApiError {
     /// 503 `unavailable`.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    /// 507 `storage_full`.
+    pub fn storage_full(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INSUFFICIENT_STORAGE, "storage_full", message)
     }
 
     /// The body's detail part.
@@ -143,7 +149,11 @@ impl From<PolicyError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::unavailable(e.to_string())
+        if e.is_no_space() {
+            ApiError::storage_full(e.to_string())
+        } else {
+            ApiError::unavailable(e.to_string())
+        }
     }
 }
 
@@ -178,7 +188,8 @@ impl From<WriteError> for ApiError {
             WriteError::TooLarge { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "item_too_large", msg)
             }
-            WriteError::Store(_) | WriteError::Unavailable(_) => ApiError::unavailable(msg),
+            WriteError::Store(e) => e.into(),
+            WriteError::Unavailable(_) => ApiError::unavailable(msg),
         }
     }
 }
@@ -238,6 +249,13 @@ mod tests {
                 "item_too_large",
             ),
             (WriteError::Store(StoreError::Poisoned), 503, "unavailable"),
+            (
+                WriteError::Store(StoreError::NoSpace(
+                    "IO error: No space left on device".into(),
+                )),
+                507,
+                "storage_full",
+            ),
             (
                 WriteError::Unavailable("closing".into()),
                 503,

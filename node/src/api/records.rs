@@ -110,6 +110,7 @@ fn wrong_kind(category: &str, kind: Kind, op: &'static str) -> ApiError {
         (status = 409, description = "conflict: the log key holds other content", body = ErrorBody),
         (status = 413, description = "body_too_large, item_too_large", body = ErrorBody),
         (status = 503, description = "unavailable: the store failed", body = ErrorBody),
+        (status = 507, description = "storage_full: the disk is full; nothing was acknowledged", body = ErrorBody),
     )
 )]
 pub async fn put_record(
@@ -152,6 +153,7 @@ pub async fn put_record(
         (status = 405, description = "wrong_kind: a log category", body = ErrorBody),
         (status = 413, description = "body_too_large, item_too_large", body = ErrorBody),
         (status = 503, description = "unavailable", body = ErrorBody),
+        (status = 507, description = "storage_full: the disk is full; nothing was acknowledged", body = ErrorBody),
     )
 )]
 pub async fn patch_record(
@@ -197,6 +199,7 @@ pub async fn patch_record(
         (status = 404, description = "unknown_category, not_found (missing or already deleted)", body = ErrorBody),
         (status = 405, description = "wrong_kind: a log category", body = ErrorBody),
         (status = 503, description = "unavailable", body = ErrorBody),
+        (status = 507, description = "storage_full: the disk is full; nothing was acknowledged", body = ErrorBody),
     )
 )]
 pub async fn delete_record(
@@ -330,7 +333,7 @@ pub struct LineError {
 /// The outcome of a bulk request.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct BulkReport {
-    /// Present only when nothing was accepted (status 400 or 503).
+    /// Present only when nothing was accepted (status 400, 503 or 507).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorDetail>,
     /// Non-blank lines read.
@@ -461,7 +464,8 @@ async fn apply_chunk(st: &ApiState, chunk: Vec<(usize, Mutation)>, report: &mut 
 /// lines are kept even when others are rejected; the report lists the
 /// rejected ones by 1-based line number. The status is 200 when at least one
 /// line was accepted (or the body had none), 400 `no_valid_lines` when every
-/// line was rejected (then nothing changed), 503 when the store refused them
+/// line was rejected (then nothing changed), 507 `storage_full` when the disk
+/// is full for all of them, 503 when the store refused them
 /// all.
 #[utoipa::path(
     post,
@@ -475,6 +479,7 @@ async fn apply_chunk(st: &ApiState, chunk: Vec<(usize, Mutation)>, report: &mut 
         (status = 404, description = "unknown_category", body = ErrorBody),
         (status = 413, description = "body_too_large", body = ErrorBody),
         (status = 503, description = "unavailable: the store refused every line", body = BulkReport),
+        (status = 507, description = "storage_full: the disk is full; the store refused every line", body = BulkReport),
     )
 )]
 pub async fn bulk(
@@ -509,8 +514,14 @@ pub async fn bulk(
     if accepted > 0 || report.rejected == 0 {
         return Ok((StatusCode::OK, Json(report)).into_response());
     }
-    let all_unavailable = report.errors.iter().all(|e| e.error.code == "unavailable");
-    let e = if all_unavailable {
+    let all_full = report.errors.iter().all(|e| e.error.code == "storage_full");
+    let all_unavailable = report
+        .errors
+        .iter()
+        .all(|e| matches!(e.error.code.as_str(), "unavailable" | "storage_full"));
+    let e = if all_full {
+        ApiError::storage_full("the disk is full: the store refused every line")
+    } else if all_unavailable {
         ApiError::unavailable("the store refused every line")
     } else {
         ApiError::bad_request(

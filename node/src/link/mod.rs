@@ -89,6 +89,14 @@ pub async fn write_frame(
     max: usize,
 ) -> Result<usize, LinkError> {
     let bytes = codec::encode_frame(frame, max)?;
+    if matches!(frame, Frame::Batch { .. } | Frame::SnapshotChunk { .. })
+        && crate::failpoints::fires("link-mid-frame")
+    {
+        send.write_all(&bytes[..bytes.len() / 2]).await?;
+        // Give quinn time to put the half frame on the wire before dying.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        crate::failpoints::crash("link-mid-frame");
+    }
     send.write_all(&bytes).await?;
     Ok(bytes.len())
 }

@@ -37,7 +37,12 @@ use keys::*;
 pub enum StoreError {
     /// RocksDB reported an error.
     #[error("storage error: {0}")]
-    Rocks(#[from] rocksdb::Error),
+    Rocks(rocksdb::Error),
+    /// The disk of the data directory is full ("No space left on device").
+    /// RocksDB stops taking writes; it resumes by itself once enough space
+    /// is free again (see the README, Operations).
+    #[error("storage full: {0}; writes resume once space is freed on the data directory's disk")]
+    NoSpace(String),
     /// Bytes in the store could not be decoded.
     #[error("corrupt value in column family {cf}: {source}")]
     Corrupt {
@@ -62,6 +67,29 @@ pub enum StoreError {
     /// The writer lock was poisoned by a panic in another writer.
     #[error("the store's writer lock is poisoned")]
     Poisoned,
+}
+
+impl From<rocksdb::Error> for StoreError {
+    fn from(e: rocksdb::Error) -> Self {
+        if is_no_space(e.as_ref()) {
+            StoreError::NoSpace(e.into())
+        } else {
+            StoreError::Rocks(e)
+        }
+    }
+}
+
+/// Whether RocksDB failed for lack of disk space: ENOSPC on a write, or the
+/// background error RocksDB keeps (and returns for every write) after it.
+fn is_no_space(msg: &str) -> bool {
+    msg.contains("No space left on device") || msg.contains("NoSpace")
+}
+
+impl StoreError {
+    /// Whether the store failed because its disk is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::NoSpace(_))
+    }
 }
 
 /// Why one mutation was refused. Nothing was written.
@@ -115,7 +143,7 @@ pub enum WriteError {
 
 impl From<rocksdb::Error> for WriteError {
     fn from(e: rocksdb::Error) -> Self {
-        WriteError::Store(StoreError::Rocks(e))
+        WriteError::Store(StoreError::from(e))
     }
 }
 
@@ -483,17 +511,23 @@ impl Store {
         let wrote = results
             .iter()
             .any(|r| matches!(r, Ok(Applied { seq: Some(_), .. })));
+        if wrote && crate::failpoints::fires("store-after-append") {
+            crate::failpoints::crash("store-after-append");
+        }
         if wrote && self.durability == Durability::Fsync {
             if let Err(e) = self.db.flush_wal(true) {
                 let msg = e.to_string();
                 for r in &mut results {
                     if r.is_ok() {
-                        *r = Err(WriteError::Store(StoreError::Rocks(e.clone())));
+                        *r = Err(WriteError::Store(StoreError::from(e.clone())));
                     }
                 }
                 tracing::error!(error = %msg, "WAL sync failed; the group is not acknowledged");
                 return Ok(results);
             }
+        }
+        if wrote && crate::failpoints::fires("store-after-sync") {
+            crate::failpoints::crash("store-after-sync");
         }
         if wrote {
             self.committed
@@ -964,6 +998,9 @@ impl Store {
         self.flush_aggregates(&mut batch, aggs, &mut seq, clock.last())?;
         batch.put_cf(self.cf(CF_META)?, META_SEQ, encode(CF_META, &seq)?);
         batch.put_cf(self.cf(CF_META)?, META_HLC, encode(CF_META, &clock.last())?);
+        if crate::failpoints::fires("store-mid-merge") {
+            crate::failpoints::crash("store-mid-merge");
+        }
         self.db.write_opt(batch, &self.sync_if_durable())?;
         let changed_log = seq != state.last_seq;
         state.clock = clock;

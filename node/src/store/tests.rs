@@ -227,6 +227,20 @@ fn hlc_survives_reopen_and_wall_clock_steps_back() {
 }
 
 #[test]
+fn no_space_errors_are_told_apart() {
+    // What RocksDB says on ENOSPC, and for every write after it while its
+    // background error stands.
+    for msg in [
+        "IO error: No space left on device: While appending to file: /d/000004.log: No space left on device",
+        "IO error: No space left on deviceWhile appending to file: /d/000009.log",
+    ] {
+        assert!(is_no_space(msg), "{msg}");
+    }
+    assert!(!is_no_space("IO error: Permission denied"));
+    assert!(!is_no_space("Corruption: bad block"));
+}
+
+#[test]
 fn a_data_dir_of_another_node_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     drop(open(dir.path()));
