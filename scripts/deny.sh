@@ -17,17 +17,18 @@ if ! command -v cargo-deny >/dev/null 2>&1; then
 fi
 checks=(bans licenses sources)
 db="${TIERSYNC_ADVISORY_DB:-}"
-[ -n "$db" ] || db=$(compgen -G "$HOME/.cargo/advisory-dbs/*" | head -n 1 || true)
+[ -n "$db" ] || db=$(compgen -G "$HOME/.cargo/advisory-dbs/*/" | head -n 1 || true)
 for manifest in Cargo.toml tests/fuzz/Cargo.toml; do
     echo "deny: $manifest: ${checks[*]}" >&2
-    cargo deny --manifest-path "$manifest" check --config .ci/deny.toml "${checks[@]}"
+    deny=(cargo deny --manifest-path "$manifest" --config .ci/deny.toml)
+    "${deny[@]}" --offline check "${checks[@]}"
     if [ -n "$db" ]; then
         echo "deny: $manifest: advisories (offline, $db)" >&2
-        cargo deny --manifest-path "$manifest" check --config .ci/deny.toml \
-            --disable-fetch advisories
-    elif timeout 20 cargo deny --manifest-path "$manifest" fetch db >/dev/null 2>&1; then
-        cargo deny --manifest-path "$manifest" check --config .ci/deny.toml advisories
+        "${deny[@]}" --offline check advisories
+    elif [ -z "${no_db:-}" ] && timeout 30 "${deny[@]}" fetch db >/dev/null 2>&1; then
+        "${deny[@]}" check advisories
     else
+        no_db=1
         echo "deny: $manifest: advisories NOT checked: the RustSec database cannot be fetched here and no local copy exists" >&2
     fi
 done
