@@ -150,3 +150,45 @@ fn a_city_hours_ahead_is_refused_and_one_behind_still_replicates() {
         }
     }
 }
+
+/// A child whose certificate has expired (by its parent's clock: the parent
+/// runs three days ahead, the child's certificate was issued for one day) is
+/// refused in the TLS handshake; the parent logs why.
+#[test]
+fn an_expired_child_certificate_is_refused() {
+    let mut c = Cluster::new(&Spec {
+        provinces: 1,
+        cities_per_province: 1,
+        ..Spec::default()
+    });
+    tiersync::certs::issue(
+        &c.dir.path().join("certs"),
+        &tiersync_protocol::NodeId::new("hangzhou").unwrap(),
+        Some(tiersync_protocol::Tier::City),
+        1,
+    )
+    .unwrap();
+    let mut parent = start_skewed(&c, "zhejiang", "+3d");
+    c.start("hangzhou");
+    // TLS 1.3 checks the client's certificate after the client finished its
+    // side of the handshake, so the child sees its connection closed; the
+    // parent logs why.
+    c.wait_uplink_error("hangzhou", c.api("hangzhou"), "connection");
+    let why = wait_for(Duration::from_secs(30), || {
+        let log = c.log("zhejiang");
+        log.to_lowercase().contains("expired").then_some(log)
+    });
+    assert!(
+        why.is_some(),
+        "the parent did not log the expired certificate: {}",
+        c.log("zhejiang")
+    );
+    let link = &c.get("zhejiang", "/v1/status").body["links"]["children"]["hangzhou"];
+    assert!(
+        link.is_null(),
+        "a link was opened for an expired certificate: {link}"
+    );
+    let _ = tiersync::process::terminate(parent.id());
+    let _ = parent.wait();
+    c.stop_all();
+}

@@ -11,7 +11,7 @@ use tiersync_protocol::frame::RefuseReason;
 use tiersync_protocol::sync::{Downlink, DownlinkConfig, DownlinkEvent};
 use tiersync_protocol::{NodeId, Policy, Tier};
 use tokio::sync::watch;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::status::LinkStatus;
 use super::{LinkError, blocking, read_frame, write_frame};
@@ -70,7 +70,9 @@ pub async fn serve(
                 Ok(Err(e)) => {
                     metrics::counter!("tiersync_link_refused_total", "reason" => "handshake")
                         .increment(1);
-                    debug!(%remote, error = %e, "TLS handshake failed");
+                    // An operator needs to see this (an expired or foreign
+                    // certificate is a child that silently stops syncing).
+                    warn!(%remote, error = %e, "refused a connection: TLS handshake failed");
                     return;
                 }
                 Err(_) => {
