@@ -420,3 +420,25 @@ fn a_flood_of_idle_connections_does_not_block_a_real_child() {
         200
     );
 }
+
+#[test]
+fn a_peer_stalling_mid_frame_is_dropped_and_others_go_on() {
+    let c = cluster();
+    runtime().block_on(async {
+        let mut h = hostile(&c, "hangzhou").await;
+        h.hello("hangzhou").await;
+        // A frame that announces 100 bytes, sends 6 of them, then nothing.
+        h.send
+            .write_all(&[0, 0, 0, 100, 1, 0, 0, 0, 0, 0])
+            .await
+            .unwrap();
+        // Meanwhile another child is served.
+        let mut other = hostile(&c, "ningbo").await;
+        other.hello("ningbo").await;
+        // The parent gives up on the stalled frame and closes that link.
+        let wait = tiersync::link::FRAME_BODY_TIMEOUT + Duration::from_secs(15);
+        let closed = tokio::time::timeout(wait, h.conn.closed()).await;
+        assert!(closed.is_ok(), "a stalled frame must drop the link");
+    });
+    assert_eq!(c.get("zhejiang", "/v1/status").status, 200);
+}
