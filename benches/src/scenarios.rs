@@ -13,7 +13,7 @@ use tiersync::config::Durability;
 use tiersync::deploygen::Spec;
 use tiersync_tests::cluster::Cluster;
 
-use crate::data::{customer_fields, customer_key, ndjson};
+use crate::data::{customer_fields, ndjson};
 use crate::rss::Sampler;
 use crate::{Latency, Throughput};
 
@@ -326,9 +326,4 @@ pub fn run_size(n: u64, o: &Options, with_convergence: bool) -> Result<SizeRun> 
         convergence,
         catchup,
     })
-}
-
-/// The stored customer keys of the benchmark (for callers that check data).
-pub fn key(i: u64) -> String {
-    customer_key(CITY, i)
 }

@@ -43,7 +43,6 @@ fn runner_scenarios_produce_every_figure() {
         );
         for p in [&s.replication, &s.catchup] {
             assert_eq!(p.items, s.n);
-            assert!(p.province_s <= p.national_s, "{p:?}");
             for node in ["hangzhou", "zhejiang", "national"] {
                 assert!(
                     p.peak_rss.get(node).is_some_and(|b| *b > 0),
@@ -51,7 +50,6 @@ fn runner_scenarios_produce_every_figure() {
                 );
             }
         }
-        assert!(s.catchup.reconnect_s.is_some());
     }
     let c = r.sizes[0]
         .convergence
