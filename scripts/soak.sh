@@ -6,6 +6,7 @@
 #   PARTITION_CYCLES (100)   partition/heal cycles        tests/partition.rs
 #   PARTITION_BACKLOG (100000) items written per partition
 #   KILLS (1000)             SIGKILLs of real nodes        tests/kill.rs
+#   FAILPOINT_ROUNDS (250)   rounds of the 4 fail points   tests/kill.rs
 #   CRASH_CYCLES (1000)      SIGKILLs of the crash writer  tests/crash.rs
 #   SIM_SEEDS (1000)         deterministic simulation seeds (protocol topology)
 #   FUZZ_RUNS (1000000)      fuzz runs (scripts/fuzz.sh, when present)
@@ -46,7 +47,8 @@ test_bin() {
 TIERSYNC_PARTITION_CYCLES="${PARTITION_CYCLES:-100}" \
     TIERSYNC_PARTITION_BACKLOG="${PARTITION_BACKLOG:-100000}" \
     run partition test_bin partition
-TIERSYNC_KILLS="${KILLS:-1000}" run kill test_bin kill
+TIERSYNC_KILLS="${KILLS:-1000}" TIERSYNC_FAILPOINT_ROUNDS="${FAILPOINT_ROUNDS:-250}" \
+    run kill test_bin kill
 TIERSYNC_CRASH_CYCLES="${CRASH_CYCLES:-1000}" run crash test_bin crash
 run diskfull test_bin diskfull
 TIERSYNC_SIM_SEEDS="${SIM_SEEDS:-1000}" \

@@ -15,6 +15,7 @@
 //!
 //! `TIERSYNC_KILLS` sets how many SIGKILLs at least (default 8; each cycle
 //! kills the city, the province or both); `TIERSYNC_SEED` seeds the choices.
+//! `TIERSYNC_FAILPOINT_ROUNDS` (default 1) repeats the four fail points.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is the test failure report
 
@@ -120,10 +121,11 @@ fn fail_points_crash_nodes_without_losing_acknowledged_writes() {
         ("link-mid-frame", "hangzhou", "3*off->return"),
         ("store-mid-merge", "zhejiang", "3*off->return"),
     ];
+    let rounds = env_count("TIERSYNC_FAILPOINT_ROUNDS", 1);
     let mut c = chain();
     let writer = AckedWriter::start(c.api("hangzhou"), "f");
     let mut restarts = Vec::new();
-    for (point, victim, actions) in cases {
+    for (point, victim, actions) in (0..rounds).flat_map(|_| cases) {
         c.kill(victim);
         let spec = format!("{point}={actions}");
         c.start_env(victim, &[("FAILPOINTS", spec.as_str())]);
@@ -176,12 +178,13 @@ fn fail_points_crash_nodes_without_losing_acknowledged_writes() {
         );
     }
     let acked = finish_and_verify(c, writer);
+    let (p50, p99) = p50_p99_ms(&restarts);
     let max = restarts.iter().max().copied().unwrap_or_default();
     eprintln!(
-        "failpoints: {} fail points crashed their node (store-after-append, store-after-sync, \
-         link-mid-frame, store-mid-merge), {acked} acknowledged writes, none lost; \
-         restart->serving max {} ms",
-        cases.len(),
+        "failpoints: {} crashes at fail points ({rounds} rounds of store-after-append, \
+         store-after-sync, link-mid-frame, store-mid-merge), {acked} acknowledged writes, \
+         none lost; restart->serving p50 {p50} ms p99 {p99} ms max {} ms",
+        restarts.len(),
         max.as_millis()
     );
 }

@@ -430,10 +430,24 @@ impl Cluster {
     /// `city` through the NDJSON bulk endpoint (500 a request), each with a
     /// 200-byte pad; every line must be acknowledged.
     pub fn bulk_customers(&self, city: &str, prefix: &str, from: usize, n: usize) {
+        self.bulk_customer_versions(city, prefix, from, n, 0);
+    }
+
+    /// As [`Cluster::bulk_customers`], with `version` in each record's
+    /// `version` field: writing the same keys again with another version
+    /// updates every record.
+    pub fn bulk_customer_versions(
+        &self,
+        city: &str,
+        prefix: &str,
+        from: usize,
+        n: usize,
+        version: usize,
+    ) {
         for chunk in (from..from + n).collect::<Vec<_>>().chunks(500) {
             let lines: Vec<_> = chunk
                 .iter()
-                .map(|i| serde_json::json!({"key": format!("{prefix}{i}"), "fields": {"name": format!("n{i}"), "pad": "x".repeat(200)}}))
+                .map(|i| serde_json::json!({"key": format!("{prefix}{i}"), "fields": {"name": format!("n{i}"), "version": version, "pad": "x".repeat(200)}}))
                 .collect();
             let r = self.bulk(city, "customer", &lines);
             assert_eq!(r.status, 200, "{:?}", r.body);

@@ -214,19 +214,8 @@ pub struct StatusView {
 )]
 pub async fn status(State(st): State<ApiState>) -> Result<Json<StatusView>, ApiError> {
     let store = st.store.clone();
-    let (last_seq, counts) = blocking(move || {
-        let last_seq = store.last_seq()?;
-        // Counting by a full scan of the data: linear in the node's size.
-        // Fine for now; counters kept in the write batches are the fix.
-        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-        store.for_each_item(|cat, _, item| {
-            if !item.is_deleted() {
-                *counts.entry(cat.to_string()).or_default() += 1;
-            }
-        })?;
-        Ok((last_seq, counts))
-    })
-    .await?;
+    let (last_seq, counts) =
+        blocking(move || Ok((store.last_seq()?, store.item_counts()?))).await?;
     let policy = st.store.policy();
     let categories = policy
         .categories

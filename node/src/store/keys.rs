@@ -26,6 +26,16 @@ pub const META_HLC: &[u8] = b"hlc";
 pub const META_SEQ: &[u8] = b"seq";
 /// The random id of this data directory.
 pub const META_INCARNATION: &[u8] = b"incarnation";
+/// Present once the per-category item counts below are kept.
+pub const META_COUNTS: &[u8] = b"counts";
+/// Prefix of the live (not deleted) item count of each declared category,
+/// written in the WriteBatch of every mutation that changes it.
+pub const COUNT_PREFIX: &[u8] = b"count/";
+
+/// The meta key of `category`'s item count.
+pub fn count_key(category: &str) -> Vec<u8> {
+    [COUNT_PREFIX, category.as_bytes()].concat()
+}
 
 /// Prefix of per-child cursors in the `cursors` column family.
 pub const CURSOR_PREFIX: &[u8] = b"c/";

@@ -298,6 +298,8 @@ pub struct Page {
 struct WriterState {
     clock: HlcClock,
     last_seq: u64,
+    /// Live items per declared category, as committed in `META`.
+    counts: BTreeMap<String, u64>,
 }
 
 /// Memtables of all column families together (RocksDB flushes the largest
@@ -426,6 +428,7 @@ impl Store {
             writer: Mutex::new(WriterState {
                 clock: HlcClock::resume(node, hlc),
                 last_seq,
+                counts: BTreeMap::new(),
             }),
             committed: watch::channel((0, Hlc::ZERO)).0,
             trimmed_upto: AtomicU64::new(0),
@@ -443,6 +446,7 @@ impl Store {
             Ordering::SeqCst,
         );
         store.rebuild_changed_aggregates()?;
+        store.load_counts()?;
         let (last_seq, hlc) = {
             let st = store.lock()?;
             (st.last_seq, st.clock.last())
@@ -450,6 +454,74 @@ impl Store {
         let last_hlc = store.hlc_of(last_seq)?.unwrap_or(hlc);
         store.committed.send_replace((last_seq, last_hlc));
         Ok(store)
+    }
+
+    /// Loads the item counts; a store written before they were kept is
+    /// counted once, by a scan.
+    fn load_counts(&self) -> Result<(), StoreError> {
+        let meta = self.cf(CF_META)?;
+        let mut counts = BTreeMap::new();
+        if self.db.get_pinned_cf(meta, META_COUNTS)?.is_some() {
+            let from = IteratorMode::From(COUNT_PREFIX, Direction::Forward);
+            for kv in self.db.iterator_cf(meta, from) {
+                let (k, v) = kv?;
+                let Some(category) = k.strip_prefix(COUNT_PREFIX) else {
+                    break;
+                };
+                let category = String::from_utf8_lossy(category).into_owned();
+                counts.insert(category, decode::<u64>(CF_META, &v)?);
+            }
+        } else {
+            tracing::info!("counting this node's items once; the counts are kept from now on");
+            self.for_each_item(|category, _, item| {
+                if live_delta(None, &item) == 1 && self.policy.categories.contains_key(category) {
+                    *counts.entry(category.to_string()).or_default() += 1;
+                }
+            })?;
+            let mut b = WriteBatch::default();
+            for (category, n) in &counts {
+                b.put_cf(meta, count_key(category), encode(CF_META, n)?);
+            }
+            b.put_cf(meta, META_COUNTS, []);
+            self.db.write_opt(b, &sync_opts())?;
+        }
+        self.lock()?.counts = counts;
+        Ok(())
+    }
+
+    /// Live (not deleted) items per declared category, as committed.
+    pub fn item_counts(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        Ok(self.lock()?.counts.clone())
+    }
+
+    /// Stages the new counts of the categories whose live items changed by
+    /// `deltas` into `batch`; they go into the writer state once the batch
+    /// is committed.
+    fn stage_counts(
+        &self,
+        state: &WriterState,
+        batch: &mut WriteBatch,
+        deltas: BTreeMap<String, i64>,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut staged = Vec::new();
+        for (category, delta) in deltas {
+            if delta == 0 || !self.policy.categories.contains_key(&category) {
+                continue;
+            }
+            let n = state
+                .counts
+                .get(&category)
+                .copied()
+                .unwrap_or(0)
+                .saturating_add_signed(delta);
+            batch.put_cf(
+                self.cf(CF_META)?,
+                count_key(&category),
+                encode(CF_META, &n)?,
+            );
+            staged.push((category, n));
+        }
+        Ok(staged)
     }
 
     /// The random id of this data directory, fixed at creation.
@@ -612,6 +684,10 @@ impl Store {
         let mut batch = WriteBatch::default();
         let mut aggs = AggPending::default();
         self.account(&mut aggs, &category, old.as_ref(), Some(&item))?;
+        let counts = match live_delta(old.as_ref(), &item) {
+            0 => Vec::new(),
+            d => self.stage_counts(state, &mut batch, BTreeMap::from([(category.clone(), d)]))?,
+        };
         batch.put_cf(self.cf(CF_DATA)?, data_key(&category, &key), value);
         let entry = ChangeEntry {
             change: Change::Item { category, key },
@@ -632,6 +708,7 @@ impl Store {
         self.db.write_opt(batch, &WriteOptions::default())?;
         state.clock = clock;
         state.last_seq = seq;
+        state.counts.extend(counts);
         Ok(Applied {
             seq: Some(item_seq),
             stamp,
@@ -901,6 +978,7 @@ impl Store {
         };
         // Later items of one batch see earlier ones (a hostile child may repeat a key).
         let mut pending: BTreeMap<(String, String), Item> = BTreeMap::new();
+        let mut live: BTreeMap<String, i64> = BTreeMap::new();
         for w in m.items {
             for s in w.item.stamps() {
                 clock.observe(s.hlc);
@@ -931,6 +1009,10 @@ impl Store {
             if out.changed {
                 stats.changed += 1;
                 self.account(&mut aggs, &k.0, old.as_ref(), Some(&merged))?;
+                match live_delta(old.as_ref(), &merged) {
+                    0 => {}
+                    d => *live.entry(k.0.clone()).or_default() += d,
+                }
                 seq += 1;
                 batch.put_cf(
                     self.cf(CF_DATA)?,
@@ -996,6 +1078,7 @@ impl Store {
             }
         }
         self.flush_aggregates(&mut batch, aggs, &mut seq, clock.last())?;
+        let counts = self.stage_counts(&state, &mut batch, live)?;
         batch.put_cf(self.cf(CF_META)?, META_SEQ, encode(CF_META, &seq)?);
         batch.put_cf(self.cf(CF_META)?, META_HLC, encode(CF_META, &clock.last())?);
         if crate::failpoints::fires("store-mid-merge") {
@@ -1005,6 +1088,7 @@ impl Store {
         let changed_log = seq != state.last_seq;
         state.clock = clock;
         state.last_seq = seq;
+        state.counts.extend(counts);
         if changed_log {
             self.committed.send_replace((seq, state.clock.last()));
         }
@@ -1353,6 +1437,13 @@ fn decode_row_group(key: &[u8], name: &str) -> Result<GroupKey, StoreError> {
         .position(|b| *b == 0)
         .map_or(rest.len(), |p| p + 1);
     decode(CF_AGGREGATES, &rest[at..])
+}
+
+/// How an item's change moves its category's live count: +1 for a new live
+/// item, -1 for a record deleted, 0 otherwise.
+fn live_delta(old: Option<&Item>, new: &Item) -> i64 {
+    let live = |i: &Item| !i.is_deleted();
+    i64::from(live(new)) - i64::from(old.is_some_and(live))
 }
 
 fn record_of(current: Option<Item>) -> Record {
