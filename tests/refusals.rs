@@ -16,7 +16,7 @@ use tiersync::link::{read_frame, write_frame};
 use tiersync_protocol::frame::{Frame, PROTOCOL_VERSION, RefuseReason, WireItem};
 use tiersync_protocol::{Hlc, Item, NodeId, Record, Stamp, Tier, Value};
 use tiersync_tests::cluster::Cluster;
-use tiersync_tests::example_policy;
+use tiersync_tests::{env_count, example_policy, wait_for};
 
 fn cluster() -> Cluster {
     let mut c = Cluster::new(&Spec {
@@ -100,9 +100,9 @@ fn unknown_child_is_refused() {
     );
 }
 
-#[test]
-fn certificate_from_another_ca_is_refused() {
-    let mut c = cluster();
+/// Writes `certs/rogue.{pem,key}`: a certificate for hangzhou signed by a
+/// CA the deployment does not trust.
+fn rogue_certificate(c: &Cluster) {
     let other = c.dir.path().join("other-ca");
     certs::init_ca(&other).unwrap();
     certs::issue(
@@ -119,6 +119,12 @@ fn certificate_from_another_ca_is_refused() {
         )
         .unwrap();
     }
+}
+
+#[test]
+fn certificate_from_another_ca_is_refused() {
+    let mut c = cluster();
+    rogue_certificate(&c);
     // Trusts the real CA (so the parent's certificate verifies) but presents
     // a certificate the parent's CA never signed.
     let cfg = child_config(
@@ -441,4 +447,134 @@ fn a_peer_stalling_mid_frame_is_dropped_and_others_go_on() {
         assert!(closed.is_ok(), "a stalled frame must drop the link");
     });
     assert_eq!(c.get("zhejiang", "/v1/status").status, 200);
+}
+
+/// Resident memory of process `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_flood_of_connection_attempts_is_refused_while_a_real_child_is_served() {
+    // Each attempt presents a certificate of a foreign CA, all at once: more
+    // than the parent's cap of pending handshakes.
+    let flood = env_count("TIERSYNC_FLOOD", 500);
+    let c = cluster();
+    rogue_certificate(&c);
+    let pid = c.pid("zhejiang").unwrap();
+    let rss_before = rss_kib(pid);
+    let certs = c.dir.path().join("certs");
+    let tls = TlsSection {
+        ca: certs.join("ca.pem"),
+        cert: certs.join("rogue.pem"),
+        key: certs.join("rogue.key"),
+    };
+    let parent = c.peer_addr("zhejiang");
+    let zhejiang = NodeId::new("zhejiang").unwrap();
+    let (left_open, peak_kib) = runtime().block_on(async {
+        let client = tiersync::tls::quinn_client_config(&tls).unwrap();
+        let endpoint =
+            tiersync::tls::client_endpoint("127.0.0.1:0".parse().unwrap(), client).unwrap();
+        // A real child is connected before the flood starts.
+        let mut real = hostile(&c, "hangzhou").await;
+        real.hello("hangzhou").await;
+        let mut attempts = tokio::task::JoinSet::new();
+        for _ in 0..flood {
+            let (endpoint, zhejiang) = (endpoint.clone(), zhejiang.clone());
+            attempts.spawn(async move {
+                // TLS 1.3 lets the client finish its side before the server
+                // checks the client certificate: a refusal may come as the
+                // handshake failing or as the connection being closed.
+                match tiersync::tls::connect(&endpoint, parent, &zhejiang).await {
+                    Err(_) => true,
+                    Ok(conn) => tokio::time::timeout(Duration::from_secs(20), conn.closed())
+                        .await
+                        .is_ok(),
+                }
+            });
+        }
+        // Meanwhile its link goes on: a batch is merged and acknowledged.
+        // (A new connection may be refused while the flood fills the cap of
+        // pending handshakes; a child retries with backoff.)
+        real.send(&Frame::Batch {
+            after: 0,
+            last_seq: 1,
+            upto_hlc: Hlc::ZERO,
+            items: vec![record(
+                "customer",
+                "c-during-handshake-flood",
+                "hangzhou",
+                tiersync::now_ms(),
+            )],
+            watermarks: vec![],
+        })
+        .await;
+        assert!(matches!(
+            real.recv().await,
+            Some(Frame::Ack { last_seq: 1 })
+        ));
+        let mut left_open = 0;
+        let mut peak = 0;
+        while let Some(refused) = attempts.join_next().await {
+            peak = peak.max(rss_kib(pid));
+            if !refused.unwrap() {
+                left_open += 1;
+            }
+        }
+        (left_open, peak)
+    });
+    assert_eq!(
+        left_open, 0,
+        "connections with a foreign certificate stayed open"
+    );
+    assert_eq!(
+        c.get("zhejiang", "/v1/records/customer/c-during-handshake-flood")
+            .status,
+        200
+    );
+    let client =
+        tiersync::client::Client::new(&c.api("zhejiang").to_string(), Duration::from_secs(10))
+            .unwrap();
+    let count = |reason: &str| {
+        let text = client.metrics().unwrap();
+        tiersync::client::metric_value(&text, "tiersync_link_refused_total", &[("reason", reason)])
+            .unwrap_or(0.0) as usize
+    };
+    let reasons = ["handshake", "overload", "timeout"];
+    // The parent counts a refusal as its handshake task ends, which may be
+    // just after the client saw the connection close. (An attempt may count
+    // twice: a client that resends its first packet after a refusal is a
+    // new incoming connection to the parent.)
+    let by_reason = wait_for(Duration::from_secs(10), || {
+        let by_reason: Vec<(&str, usize)> = reasons.iter().map(|r| (*r, count(r))).collect();
+        (by_reason.iter().map(|(_, n)| n).sum::<usize>() >= flood).then_some(by_reason)
+    })
+    .unwrap_or_else(|| panic!("the parent counted fewer refusals than the {flood} attempts"));
+    // Once the flood is over (every refusal counted), new children get in.
+    runtime().block_on(async {
+        let mut late = hostile(&c, "ningbo").await;
+        late.hello("ningbo").await;
+    });
+    // Memory stays bounded: refused attempts leave nothing behind.
+    let grew_mib = peak_kib.saturating_sub(rss_before) / 1024;
+    assert!(
+        grew_mib < 64,
+        "the parent's RSS grew by {grew_mib} MiB during a flood of {flood} attempts"
+    );
+    eprintln!(
+        "refusals flood: {flood} connection attempts with a foreign certificate, all refused \
+         (by reason: {}), a connected child served meanwhile, a new child admitted after, parent RSS {} MiB -> peak {} MiB",
+        by_reason
+            .iter()
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        rss_before / 1024,
+        peak_kib / 1024
+    );
 }

@@ -502,14 +502,13 @@ pub fn csv_value(cell: &str) -> Option<Json> {
             return Some(Json::from(i));
         }
         let is_integer = !cell.contains(['.', 'e', 'E']);
-        if !is_integer {
-            if let Some(n) = cell
+        if !is_integer
+            && let Some(n) = cell
                 .parse::<f64>()
                 .ok()
                 .and_then(serde_json::Number::from_f64)
-            {
-                return Some(Json::Number(n));
-            }
+        {
+            return Some(Json::Number(n));
         }
     }
     Some(Json::String(cell.to_string()))
@@ -851,10 +850,10 @@ impl Chunker {
                         for (i, cell) in record.iter().enumerate() {
                             if i == *key_index {
                                 key = cell.to_string();
-                            } else if let Some(v) = csv_value(cell) {
-                                if let Some(name) = headers.get(i) {
-                                    fields.insert(name.clone(), v);
-                                }
+                            } else if let Some(v) = csv_value(cell)
+                                && let Some(name) = headers.get(i)
+                            {
+                                fields.insert(name.clone(), v);
                             }
                         }
                         let obj = serde_json::json!({"key": key, "fields": fields});

@@ -280,14 +280,14 @@ impl NodeConfig {
                 ));
             }
         }
-        if let Some(p) = &self.parent {
-            if !p.addr.contains(':') {
-                return Err(invalid(
-                    file,
-                    "parent.addr",
-                    format!("{:?} is not host:port", p.addr),
-                ));
-            }
+        if let Some(p) = &self.parent
+            && !p.addr.contains(':')
+        {
+            return Err(invalid(
+                file,
+                "parent.addr",
+                format!("{:?} is not host:port", p.addr),
+            ));
         }
         if self.tls.is_none() && (self.parent.is_some() || !self.children.is_empty()) {
             return Err(invalid(

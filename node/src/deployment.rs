@@ -64,14 +64,14 @@ pub fn check(nodes: &[Loaded]) -> Vec<Problem> {
             if addr.port() == 0 || addr.ip().is_unspecified() {
                 continue;
             }
-            if let Some(prev) = addrs.insert(addr, l) {
-                if !std::ptr::eq(prev, l) {
-                    problem(
-                        l,
-                        key,
-                        format!("{addr} is also used by {}", prev.path.display()),
-                    );
-                }
+            if let Some(prev) = addrs.insert(addr, l)
+                && !std::ptr::eq(prev, l)
+            {
+                problem(
+                    l,
+                    key,
+                    format!("{addr} is also used by {}", prev.path.display()),
+                );
             }
         }
     }

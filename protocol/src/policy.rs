@@ -293,13 +293,13 @@ impl Policy {
             }
         }
         for (name, cat) in &self.categories {
-            if let Some(CustomerLink::Field(f) | CustomerLink::KeyPrefix(f)) = &cat.customer_link {
-                if f.is_empty() {
-                    return Err(invalid(
-                        format!("categories.{name}.customer_link"),
-                        "the field name or key separator is empty",
-                    ));
-                }
+            if let Some(CustomerLink::Field(f) | CustomerLink::KeyPrefix(f)) = &cat.customer_link
+                && f.is_empty()
+            {
+                return Err(invalid(
+                    format!("categories.{name}.customer_link"),
+                    "the field name or key separator is empty",
+                ));
             }
         }
         for (name, agg) in &self.aggregates {

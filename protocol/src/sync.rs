@@ -791,10 +791,10 @@ pub fn validate_item(
             cat.kind
         ));
     }
-    if let Item::Record(r) = &w.item {
-        if !r.is_canonical() {
-            return Err(format!("{}: record state is not canonical", at()));
-        }
+    if let Item::Record(r) = &w.item
+        && !r.is_canonical()
+    {
+        return Err(format!("{}: record state is not canonical", at()));
     }
     let limit = now_ms.saturating_add(policy.limits.max_clock_skew_ms);
     for s in w.item.stamps() {

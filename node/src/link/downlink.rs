@@ -263,10 +263,10 @@ async fn drive(
 fn claim(claims: &Claims, child: &NodeId, subtree: &[NodeId]) -> Option<(NodeId, NodeId)> {
     let mut map = claims.lock().ok()?;
     for n in subtree {
-        if let Some(other) = map.get(n) {
-            if other != child {
-                return Some((n.clone(), other.clone()));
-            }
+        if let Some(other) = map.get(n)
+            && other != child
+        {
+            return Some((n.clone(), other.clone()));
         }
     }
     map.retain(|_, c| c != child);

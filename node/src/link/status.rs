@@ -108,11 +108,11 @@ impl LinkStatus {
             if let Ok(last) = store.last_seq() {
                 u.local_seq = u.local_seq.max(last);
                 u.lag_records = u.local_seq.saturating_sub(u.acked_seq);
-                if u.lag_records > 0 && u.lag_seconds == 0.0 {
-                    if let Ok(Some(h)) = store.hlc_of(u.acked_seq + 1) {
-                        u.lag_seconds =
-                            crate::now_ms().saturating_sub(h.physical_ms) as f64 / 1000.0;
-                    }
+                if u.lag_records > 0
+                    && u.lag_seconds == 0.0
+                    && let Ok(Some(h)) = store.hlc_of(u.acked_seq + 1)
+                {
+                    u.lag_seconds = crate::now_ms().saturating_sub(h.physical_ms) as f64 / 1000.0;
                 }
             }
             u

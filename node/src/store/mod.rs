@@ -586,17 +586,18 @@ impl Store {
         if wrote && crate::failpoints::fires("store-after-append") {
             crate::failpoints::crash("store-after-append");
         }
-        if wrote && self.durability == Durability::Fsync {
-            if let Err(e) = self.db.flush_wal(true) {
-                let msg = e.to_string();
-                for r in &mut results {
-                    if r.is_ok() {
-                        *r = Err(WriteError::Store(StoreError::from(e.clone())));
-                    }
+        if wrote
+            && self.durability == Durability::Fsync
+            && let Err(e) = self.db.flush_wal(true)
+        {
+            let msg = e.to_string();
+            for r in &mut results {
+                if r.is_ok() {
+                    *r = Err(WriteError::Store(StoreError::from(e.clone())));
                 }
-                tracing::error!(error = %msg, "WAL sync failed; the group is not acknowledged");
-                return Ok(results);
             }
+            tracing::error!(error = %msg, "WAL sync failed; the group is not acknowledged");
+            return Ok(results);
         }
         if wrote && crate::failpoints::fires("store-after-sync") {
             crate::failpoints::crash("store-after-sync");

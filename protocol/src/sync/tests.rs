@@ -425,12 +425,11 @@ impl Sim {
     fn restart(&mut self, i: usize) {
         // A merge under way at `i` either committed before the crash or not.
         for l in 0..self.links.len() {
-            if self.links[l].parent == i {
-                if let Some(m) = self.links[l].merging.take() {
-                    if self.rng.chance(50) {
-                        self.apply_merge(l, m);
-                    }
-                }
+            if self.links[l].parent == i
+                && let Some(m) = self.links[l].merging.take()
+                && self.rng.chance(50)
+            {
+                self.apply_merge(l, m);
             }
         }
         for (l, m) in std::mem::take(&mut self.late) {
