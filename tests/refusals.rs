@@ -243,6 +243,23 @@ impl Hostile {
             .ok()?
             .map(|(f, _)| f)
     }
+    /// Sends the link's first batch, one customer record of hangzhou's, and
+    /// expects its acknowledgement.
+    async fn first_record_acked(&mut self, key: &str) {
+        self.send(&Frame::Batch {
+            after: 0,
+            last_seq: 1,
+            upto_hlc: Hlc::ZERO,
+            items: vec![record("customer", key, "hangzhou", tiersync::now_ms())],
+            watermarks: vec![],
+        })
+        .await;
+        assert!(matches!(
+            self.recv().await,
+            Some(Frame::Ack { last_seq: 1 })
+        ));
+    }
+
     async fn hello(&mut self, node: &str) {
         self.send(&Frame::Hello {
             protocol: PROTOCOL_VERSION,
@@ -401,23 +418,7 @@ fn a_flood_of_idle_connections_does_not_block_a_real_child() {
         }
         let mut real = hostile(&c, "hangzhou").await;
         real.hello("hangzhou").await;
-        real.send(&Frame::Batch {
-            after: 0,
-            last_seq: 1,
-            upto_hlc: Hlc::ZERO,
-            items: vec![record(
-                "customer",
-                "c-during-flood",
-                "hangzhou",
-                tiersync::now_ms(),
-            )],
-            watermarks: vec![],
-        })
-        .await;
-        assert!(matches!(
-            real.recv().await,
-            Some(Frame::Ack { last_seq: 1 })
-        ));
+        real.first_record_acked("c-during-flood").await;
         drop(idle);
     });
     assert_eq!(
@@ -501,23 +502,7 @@ fn a_flood_of_connection_attempts_is_refused_while_a_real_child_is_served() {
         // Meanwhile its link goes on: a batch is merged and acknowledged.
         // (A new connection may be refused while the flood fills the cap of
         // pending handshakes; a child retries with backoff.)
-        real.send(&Frame::Batch {
-            after: 0,
-            last_seq: 1,
-            upto_hlc: Hlc::ZERO,
-            items: vec![record(
-                "customer",
-                "c-during-handshake-flood",
-                "hangzhou",
-                tiersync::now_ms(),
-            )],
-            watermarks: vec![],
-        })
-        .await;
-        assert!(matches!(
-            real.recv().await,
-            Some(Frame::Ack { last_seq: 1 })
-        ));
+        real.first_record_acked("c-during-handshake-flood").await;
         let mut left_open = 0;
         let mut peak = 0;
         while let Some(refused) = attempts.join_next().await {

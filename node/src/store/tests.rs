@@ -32,13 +32,11 @@ pub(crate) fn policy() -> Arc<Policy> {
 }
 
 fn open(dir: &Path) -> Store {
-    Store::open(
-        dir,
-        NodeId::new("city-a").unwrap(),
-        policy(),
-        Durability::Fsync,
-    )
-    .unwrap()
+    open_as(dir, "city-a")
+}
+
+fn open_as(dir: &Path, node: &str) -> Store {
+    Store::open(dir, NodeId::new(node).unwrap(), policy(), Durability::Fsync).unwrap()
 }
 
 fn doc(pairs: &[(&str, i64)]) -> BTreeMap<String, Value> {
@@ -422,13 +420,7 @@ fn item_counts_follow_merges_and_are_counted_once_in_an_older_store() {
     assert_eq!(scanned_counts(&city), want);
 
     let province_dir = tempfile::tempdir().unwrap();
-    let province = Store::open(
-        province_dir.path(),
-        NodeId::new("prov-a").unwrap(),
-        policy(),
-        Durability::Fsync,
-    )
-    .unwrap();
+    let province = open_as(province_dir.path(), "prov-a");
     let merge = |items| RemoteMerge {
         child: NodeId::new("city-a").unwrap(),
         incarnation: city.incarnation(),
@@ -441,7 +433,7 @@ fn item_counts_follow_merges_and_are_counted_once_in_an_older_store() {
     province.merge_remote(merge(batch.items.clone())).unwrap();
     province.merge_remote(merge(batch.items)).unwrap();
     assert_eq!(province.item_counts().unwrap(), want);
-    // A delete, then a new put of the same key, arriving in one batch.
+    // A live record deleted and a deleted one written again, in one batch.
     let after = city.last_seq().unwrap();
     one(
         &city,
@@ -464,13 +456,7 @@ fn item_counts_follow_merges_and_are_counted_once_in_an_older_store() {
     province.db.delete_cf(meta, META_COUNTS).unwrap();
     province.db.delete_cf(meta, count_key("customer")).unwrap();
     drop(province);
-    let province = Store::open(
-        province_dir.path(),
-        NodeId::new("prov-a").unwrap(),
-        policy(),
-        Durability::Fsync,
-    )
-    .unwrap();
+    let province = open_as(province_dir.path(), "prov-a");
     assert_eq!(province.item_counts().unwrap(), scanned_counts(&city));
 }
 
