@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value as Json;
@@ -460,14 +462,29 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// How many connections the parent at `api` refused for `reason`.
+fn refused(api: std::net::SocketAddr, reason: &str) -> usize {
+    let text = tiersync::client::Client::new(&api.to_string(), Duration::from_secs(10))
+        .unwrap()
+        .metrics()
+        .unwrap();
+    tiersync::client::metric_value(&text, "tiersync_link_refused_total", &[("reason", reason)])
+        .unwrap_or(0.0) as usize
+}
+
 #[test]
-fn a_flood_of_connection_attempts_is_refused_while_a_real_child_is_served() {
-    // Each attempt presents a certificate of a foreign CA, all at once: more
-    // than the parent's cap of pending handshakes.
+fn a_flood_of_connection_attempts_is_refused_while_real_children_are_served() {
+    // 200 flooders on another loopback address (127.0.0.2) connect again and
+    // again with a foreign CA's certificate, far more at once than the
+    // parent's caps of pending handshakes (64, and 8 per address), until at
+    // least TIERSYNC_FLOOD attempts were made and a new child was admitted
+    // during the flood.
+    const FLOODERS: usize = 200;
     let flood = env_count("TIERSYNC_FLOOD", 500);
     let c = cluster();
     rogue_certificate(&c);
     let pid = c.pid("zhejiang").unwrap();
+    let api = c.api("zhejiang");
     let rss_before = rss_kib(pid);
     let certs = c.dir.path().join("certs");
     let tls = TlsSection {
@@ -477,42 +494,81 @@ fn a_flood_of_connection_attempts_is_refused_while_a_real_child_is_served() {
     };
     let parent = c.peer_addr("zhejiang");
     let zhejiang = NodeId::new("zhejiang").unwrap();
-    let (left_open, peak_kib) = runtime().block_on(async {
+    let made = Arc::new(AtomicUsize::new(0));
+    let left_open = Arc::new(AtomicUsize::new(0));
+    let peak_kib = Arc::new(AtomicU64::new(rss_before));
+    runtime().block_on(async {
         let client = tiersync::tls::quinn_client_config(&tls).unwrap();
         let endpoint =
-            tiersync::tls::client_endpoint("127.0.0.1:0".parse().unwrap(), client).unwrap();
+            tiersync::tls::client_endpoint("127.0.0.2:0".parse().unwrap(), client).unwrap();
         // A real child is connected before the flood starts.
         let mut real = hostile(&c, "hangzhou").await;
         real.hello("hangzhou").await;
-        let mut attempts = tokio::task::JoinSet::new();
-        for _ in 0..flood {
+        let done = Arc::new(AtomicBool::new(false));
+        let mut flooders = tokio::task::JoinSet::new();
+        for _ in 0..FLOODERS {
             let (endpoint, zhejiang) = (endpoint.clone(), zhejiang.clone());
-            attempts.spawn(async move {
-                // TLS 1.3 lets the client finish its side before the server
-                // checks the client certificate: a refusal may come as the
-                // handshake failing or as the connection being closed.
-                match tiersync::tls::connect(&endpoint, parent, &zhejiang).await {
-                    Err(_) => true,
-                    Ok(conn) => tokio::time::timeout(Duration::from_secs(20), conn.closed())
-                        .await
-                        .is_ok(),
+            let (made, left_open, peak_kib, done) = (
+                made.clone(),
+                left_open.clone(),
+                peak_kib.clone(),
+                done.clone(),
+            );
+            flooders.spawn(async move {
+                while !(done.load(Ordering::SeqCst) && made.load(Ordering::SeqCst) >= flood) {
+                    made.fetch_add(1, Ordering::SeqCst);
+                    // TLS 1.3 lets the client finish its side before the
+                    // server checks the client certificate: a refusal may
+                    // come as the handshake failing or as the connection
+                    // being closed.
+                    let refused = match tiersync::tls::connect(&endpoint, parent, &zhejiang).await {
+                        Err(_) => true,
+                        Ok(conn) => tokio::time::timeout(Duration::from_secs(20), conn.closed())
+                            .await
+                            .is_ok(),
+                    };
+                    if !refused {
+                        left_open.fetch_add(1, Ordering::SeqCst);
+                    }
+                    peak_kib.fetch_max(rss_kib(pid), Ordering::SeqCst);
                 }
             });
         }
-        // Meanwhile its link goes on: a batch is merged and acknowledged.
-        // (A new connection may be refused while the flood fills the cap of
-        // pending handshakes; a child retries with backoff.)
+        // The flood is on once the parent refuses the flooders' address.
+        let saturated = tokio::task::spawn_blocking(move || {
+            wait_for(Duration::from_secs(30), || {
+                (refused(api, "address_overload") > 0).then_some(())
+            })
+        })
+        .await
+        .unwrap();
+        assert!(
+            saturated.is_some(),
+            "the flood never reached the per-address cap ({} attempts made; {:?})",
+            made.load(Ordering::SeqCst),
+            tiersync::client::Client::new(&api.to_string(), Duration::from_secs(10))
+                .unwrap()
+                .metrics()
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains("refused"))
+                .collect::<Vec<_>>()
+        );
+        // Meanwhile the connected child's link goes on, and a new child
+        // (from 127.0.0.1) is admitted.
         real.first_record_acked("c-during-handshake-flood").await;
-        let mut left_open = 0;
-        let mut peak = 0;
-        while let Some(refused) = attempts.join_next().await {
-            peak = peak.max(rss_kib(pid));
-            if !refused.unwrap() {
-                left_open += 1;
-            }
+        let mut late = hostile(&c, "ningbo").await;
+        late.hello("ningbo").await;
+        done.store(true, Ordering::SeqCst);
+        while let Some(r) = flooders.join_next().await {
+            r.unwrap();
         }
-        (left_open, peak)
     });
+    let (made, left_open, peak_kib) = (
+        made.load(Ordering::SeqCst),
+        left_open.load(Ordering::SeqCst),
+        peak_kib.load(Ordering::SeqCst),
+    );
     assert_eq!(
         left_open, 0,
         "connections with a foreign certificate stayed open"
@@ -522,38 +578,26 @@ fn a_flood_of_connection_attempts_is_refused_while_a_real_child_is_served() {
             .status,
         200
     );
-    let client =
-        tiersync::client::Client::new(&c.api("zhejiang").to_string(), Duration::from_secs(10))
-            .unwrap();
-    let count = |reason: &str| {
-        let text = client.metrics().unwrap();
-        tiersync::client::metric_value(&text, "tiersync_link_refused_total", &[("reason", reason)])
-            .unwrap_or(0.0) as usize
-    };
-    let reasons = ["handshake", "overload", "timeout"];
+    let reasons = ["address_overload", "overload", "handshake", "timeout"];
     // The parent counts a refusal as its handshake task ends, which may be
     // just after the client saw the connection close. (An attempt may count
     // twice: a client that resends its first packet after a refusal is a
     // new incoming connection to the parent.)
     let by_reason = wait_for(Duration::from_secs(10), || {
-        let by_reason: Vec<(&str, usize)> = reasons.iter().map(|r| (*r, count(r))).collect();
-        (by_reason.iter().map(|(_, n)| n).sum::<usize>() >= flood).then_some(by_reason)
+        let by_reason: Vec<(&str, usize)> = reasons.iter().map(|r| (*r, refused(api, r))).collect();
+        (by_reason.iter().map(|(_, n)| n).sum::<usize>() >= made).then_some(by_reason)
     })
-    .unwrap_or_else(|| panic!("the parent counted fewer refusals than the {flood} attempts"));
-    // Once the flood is over (every refusal counted), new children get in.
-    runtime().block_on(async {
-        let mut late = hostile(&c, "ningbo").await;
-        late.hello("ningbo").await;
-    });
+    .unwrap_or_else(|| panic!("the parent counted fewer refusals than the {made} attempts"));
     // Memory stays bounded: refused attempts leave nothing behind.
     let grew_mib = peak_kib.saturating_sub(rss_before) / 1024;
     assert!(
         grew_mib < 64,
-        "the parent's RSS grew by {grew_mib} MiB during a flood of {flood} attempts"
+        "the parent's RSS grew by {grew_mib} MiB during a flood of {made} attempts"
     );
     eprintln!(
-        "refusals flood: {flood} connection attempts with a foreign certificate, all refused \
-         (by reason: {}), a connected child served meanwhile, a new child admitted after, parent RSS {} MiB -> peak {} MiB",
+        "refusals flood: {made} connection attempts from {FLOODERS} flooders with a foreign \
+         certificate, all refused (by reason: {}); a connected child served and a new child \
+         admitted during the flood; parent RSS {} MiB -> peak {} MiB",
         by_reason
             .iter()
             .map(|(r, n)| format!("{r} {n}"))

@@ -3,7 +3,8 @@
 //! Each connection is its own task: a misbehaving child is refused or dropped
 //! without touching the others.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +24,48 @@ pub type Claims = Arc<Mutex<BTreeMap<NodeId, NodeId>>>;
 /// Most connections being set up at once; more are refused at once, so a
 /// flood of connection attempts cannot exhaust the parent.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// Most connections being set up at once from one IP address, so that a
+/// flood from one address cannot take every slot from the real children.
+pub const MAX_PENDING_PER_ADDRESS: usize = 8;
+
+/// Connections being set up, per remote IP address.
+type PendingByAddress = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One pending handshake of an address, released when dropped.
+struct AddressSlot {
+    pending: PendingByAddress,
+    ip: IpAddr,
+}
+
+impl AddressSlot {
+    /// Takes a slot of `ip`, or `None` when it has all of its slots.
+    fn take(pending: &PendingByAddress, ip: IpAddr) -> Option<Self> {
+        // A counter stays meaningful even if a holder panicked.
+        let mut map = pending.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_default();
+        if *n >= MAX_PENDING_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            pending: pending.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// Everything the downlink server needs.
 #[derive(Clone)]
@@ -50,12 +93,19 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let by_address = PendingByAddress::default();
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
             _ = shutdown.changed() => break,
         };
         let Some(incoming) = incoming else { break };
+        let Some(slot) = AddressSlot::take(&by_address, incoming.remote_address().ip()) else {
+            metrics::counter!("tiersync_link_refused_total", "reason" => "address_overload")
+                .increment(1);
+            incoming.refuse();
+            continue;
+        };
         let Ok(permit) = pending.clone().try_acquire_owned() else {
             metrics::counter!("tiersync_link_refused_total", "reason" => "overload").increment(1);
             incoming.refuse();
@@ -81,7 +131,7 @@ pub async fn serve(
                     return;
                 }
             };
-            drop(permit);
+            drop((permit, slot));
             let peer = match crate::tls::peer_node_id(&conn) {
                 Ok(p) => p,
                 Err(e) => {
@@ -274,4 +324,27 @@ fn claim(claims: &Claims, child: &NodeId, subtree: &[NodeId]) -> Option<(NodeId,
         map.insert(n.clone(), child.clone());
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_gets_at_most_its_share_of_pending_handshakes() {
+        let pending = PendingByAddress::default();
+        let (a, b): (IpAddr, IpAddr) = ([127, 0, 0, 2].into(), [127, 0, 0, 1].into());
+        let mut held: Vec<_> = (0..MAX_PENDING_PER_ADDRESS)
+            .map(|_| AddressSlot::take(&pending, a).expect("a slot within the cap"))
+            .collect();
+        assert!(AddressSlot::take(&pending, a).is_none(), "beyond the cap");
+        // Another address is not affected.
+        let other = AddressSlot::take(&pending, b).expect("another address's slot");
+        // A finished handshake frees its slot; the last one leaves no entry.
+        held.pop();
+        assert!(AddressSlot::take(&pending, a).is_some());
+        drop(held);
+        drop(other);
+        assert!(pending.lock().unwrap().is_empty());
+    }
 }
