@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use tiersync_protocol::frame::RefuseReason;
 use tiersync_protocol::sync::{Downlink, DownlinkConfig, DownlinkEvent};
 use tiersync_protocol::{NodeId, Policy, Tier};
 use tokio::sync::watch;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::status::LinkStatus;
 use super::{LinkError, blocking, read_frame, write_frame};
@@ -28,6 +29,46 @@ pub const MAX_PENDING_HANDSHAKES: usize = 64;
 /// Most connections being set up at once from one IP address, so that a
 /// flood from one address cannot take every slot from the real children.
 pub const MAX_PENDING_PER_ADDRESS: usize = 8;
+
+/// Lets a repeated warning through at most once per interval and counts
+/// what it held back, so a flood of refused handshakes cannot flood the log.
+struct Throttle {
+    interval_ms: u64,
+    next_ms: AtomicU64,
+    held: AtomicU64,
+}
+
+impl Throttle {
+    fn new(interval_ms: u64) -> Self {
+        Self {
+            interval_ms,
+            next_ms: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)`: log this one, `n` were held back since the last; `None`:
+    /// hold it back.
+    fn pass(&self, now_ms: u64) -> Option<u64> {
+        let next = self.next_ms.load(Ordering::Relaxed);
+        let due = now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now_ms + self.interval_ms,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok();
+        if due {
+            Some(self.held.swap(0, Ordering::Relaxed))
+        } else {
+            self.held.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
 
 /// Connections being set up, per remote IP address.
 type PendingByAddress = Arc<Mutex<HashMap<IpAddr, usize>>>;
@@ -94,6 +135,7 @@ pub async fn serve(
 ) {
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     let by_address = PendingByAddress::default();
+    let refusal_log = Arc::new(Throttle::new(1000));
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
@@ -113,6 +155,7 @@ pub async fn serve(
         };
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
+        let refusal_log = refusal_log.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
@@ -121,8 +164,16 @@ pub async fn serve(
                     metrics::counter!("tiersync_link_refused_total", "reason" => "handshake")
                         .increment(1);
                     // An operator needs to see this (an expired or foreign
-                    // certificate is a child that silently stops syncing).
-                    warn!(%remote, error = %e, "refused a connection: TLS handshake failed");
+                    // certificate is a child that silently stops syncing),
+                    // but once a second is enough: the metric counts them all.
+                    match refusal_log.pass(crate::now_ms()) {
+                        Some(held_back) => {
+                            warn!(%remote, error = %e, held_back, "refused a connection: TLS handshake failed")
+                        }
+                        None => {
+                            debug!(%remote, error = %e, "refused a connection: TLS handshake failed")
+                        }
+                    }
                     return;
                 }
                 Err(_) => {
@@ -329,6 +380,16 @@ fn claim(claims: &Claims, child: &NodeId, subtree: &[NodeId]) -> Option<(NodeId,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttled_warning_passes_once_per_interval_and_counts_the_rest() {
+        let t = Throttle::new(1000);
+        assert_eq!(t.pass(5_000), Some(0));
+        assert_eq!(t.pass(5_010), None);
+        assert_eq!(t.pass(5_999), None);
+        assert_eq!(t.pass(6_000), Some(2));
+        assert_eq!(t.pass(9_000), Some(0));
+    }
 
     #[test]
     fn an_address_gets_at_most_its_share_of_pending_handshakes() {
