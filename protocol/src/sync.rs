@@ -166,6 +166,15 @@ impl Uplink {
         matches!(self.state, UpState::Streaming | UpState::Snapshot { .. })
     }
 
+    /// Whether the child waits for the parent to answer: a Welcome, or the
+    /// acknowledgement of something sent. A driver that hears nothing for
+    /// long while this holds may take the link for dead.
+    pub fn awaiting_answer(&self) -> bool {
+        matches!(self.state, UpState::AwaitWelcome)
+            || !self.in_flight.is_empty()
+            || self.chunks_in_flight > 0
+    }
+
     /// Whether a snapshot catch-up is under way.
     pub fn in_snapshot(&self) -> bool {
         matches!(self.state, UpState::Snapshot { .. })

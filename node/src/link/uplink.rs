@@ -24,6 +24,17 @@ pub const WINDOW: usize = 8;
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long the child waits for an answer it is owed (a Welcome, an
+/// acknowledgement) before it drops the connection and dials again.
+///
+/// QUIC's idle timeout does not cover a cut of the child → parent direction
+/// only: the parent's keep-alives still reach the child, so the child's
+/// connection stays up after the parent dropped it, until a packet of the
+/// child's gets through again and is answered with a reset — after a
+/// blackout that is the next retransmission, which backs off for many
+/// seconds. A fresh connection after the heal gets through within its first
+/// retransmissions.
+pub const ANSWER_TIMEOUT: Duration = crate::tls::IDLE_TIMEOUT;
 
 /// Everything the uplink driver needs.
 pub struct UplinkCtx {
@@ -159,6 +170,8 @@ async fn connect_and_stream(
     let (seq, hlc) = *committed.borrow_and_update();
     session.changes_available(seq, hlc);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // When the parent last answered, while an answer is owed.
+    let mut heard = tokio::time::Instant::now();
     loop {
         while let Some(ev) = session.poll_event() {
             match ev {
@@ -225,9 +238,19 @@ async fn connect_and_stream(
             "handshake"
         };
         report_lag(ctx, session, state);
+        if !session.awaiting_answer() {
+            heard = tokio::time::Instant::now();
+        } else if heard.elapsed() > ANSWER_TIMEOUT {
+            return Err(LinkError::Closed(format!(
+                "the parent has not answered for {ANSWER_TIMEOUT:?}; dialling again"
+            )));
+        }
         tokio::select! {
             f = frames.recv() => match f {
-                Some(Ok(Some((frame, _)))) => session.handle_frame(frame),
+                Some(Ok(Some((frame, _)))) => {
+                    heard = tokio::time::Instant::now();
+                    session.handle_frame(frame);
+                }
                 Some(Ok(None)) | None => return Ok(()),
                 Some(Err(e)) => return Err(e),
             },

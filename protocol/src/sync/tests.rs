@@ -1483,6 +1483,41 @@ fn uplink_window_bounds_unacknowledged_batches() {
 }
 
 #[test]
+fn uplink_awaits_an_answer_only_while_one_is_owed() {
+    let cfg = UplinkConfig {
+        node: NodeId::new("hangzhou").unwrap(),
+        tier: Tier::City,
+        policy_digest: [0; 32],
+        incarnation: 1,
+        window: 2,
+    };
+    let mut u = Uplink::new(cfg, 4, Hlc::ZERO, 1);
+    assert!(!u.awaiting_answer(), "not connected");
+    u.connected(vec![]);
+    assert!(u.awaiting_answer(), "a Welcome is owed");
+    u.handle_frame(Frame::Welcome { resume_from: 4 });
+    assert!(!u.awaiting_answer(), "caught up: nothing owed");
+    u.changes_available(6, Hlc::ZERO);
+    while let Some(ev) = u.poll_event() {
+        if let UplinkEvent::LoadBatch { after, epoch } = ev {
+            let batch = LoadedBatch {
+                last_seq: after + 2,
+                upto_hlc: Hlc::ZERO,
+                items: vec![],
+                watermarks: vec![],
+            };
+            u.batch_loaded(epoch, batch);
+        }
+    }
+    assert!(u.awaiting_answer(), "a batch is in flight");
+    u.handle_frame(Frame::Ack { last_seq: 6 });
+    assert!(!u.awaiting_answer(), "everything acknowledged");
+    u.changes_available(8, Hlc::ZERO);
+    u.disconnected();
+    assert!(!u.awaiting_answer(), "nothing is owed on a closed link");
+}
+
+#[test]
 fn uplink_chooses_snapshot_when_the_changelog_was_trimmed() {
     let cfg = UplinkConfig {
         node: NodeId::new("hangzhou").unwrap(),
