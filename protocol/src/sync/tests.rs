@@ -1441,15 +1441,20 @@ fn batch_refusals() {
     );
 }
 
-#[test]
-fn uplink_window_bounds_unacknowledged_batches() {
-    let cfg = UplinkConfig {
+/// A city's uplink settings with a window of 2.
+fn hangzhou_uplink() -> UplinkConfig {
+    UplinkConfig {
         node: NodeId::new("hangzhou").unwrap(),
         tier: Tier::City,
         policy_digest: [0; 32],
         incarnation: 1,
         window: 2,
-    };
+    }
+}
+
+#[test]
+fn uplink_window_bounds_unacknowledged_batches() {
+    let cfg = hangzhou_uplink();
     let mut u = Uplink::new(cfg, 10, Hlc::ZERO, 1);
     u.connected(vec![]);
     assert!(matches!(
@@ -1484,13 +1489,7 @@ fn uplink_window_bounds_unacknowledged_batches() {
 
 #[test]
 fn uplink_awaits_an_answer_only_while_one_is_owed() {
-    let cfg = UplinkConfig {
-        node: NodeId::new("hangzhou").unwrap(),
-        tier: Tier::City,
-        policy_digest: [0; 32],
-        incarnation: 1,
-        window: 2,
-    };
+    let cfg = hangzhou_uplink();
     let mut u = Uplink::new(cfg, 4, Hlc::ZERO, 1);
     assert!(!u.awaiting_answer(), "not connected");
     u.connected(vec![]);
@@ -1519,13 +1518,7 @@ fn uplink_awaits_an_answer_only_while_one_is_owed() {
 
 #[test]
 fn uplink_chooses_snapshot_when_the_changelog_was_trimmed() {
-    let cfg = UplinkConfig {
-        node: NodeId::new("hangzhou").unwrap(),
-        tier: Tier::City,
-        policy_digest: [0; 32],
-        incarnation: 1,
-        window: 2,
-    };
+    let cfg = hangzhou_uplink();
     let mut u = Uplink::new(
         cfg,
         50,
@@ -1567,18 +1560,7 @@ fn uplink_chooses_snapshot_when_the_changelog_was_trimmed() {
         }))
     );
     // A parent that is ahead of what this node ever wrote is a violation.
-    let mut u2 = Uplink::new(
-        UplinkConfig {
-            node: NodeId::new("hangzhou").unwrap(),
-            tier: Tier::City,
-            policy_digest: [0; 32],
-            incarnation: 1,
-            window: 2,
-        },
-        3,
-        Hlc::ZERO,
-        1,
-    );
+    let mut u2 = Uplink::new(hangzhou_uplink(), 3, Hlc::ZERO, 1);
     u2.connected(vec![]);
     u2.poll_event();
     u2.handle_frame(Frame::Welcome { resume_from: 7 });
