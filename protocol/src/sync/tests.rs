@@ -1441,6 +1441,17 @@ fn batch_refusals() {
     );
 }
 
+/// A loaded batch up to `last_seq` with no items (the uplink tests count
+/// batches, not items).
+fn empty_batch(last_seq: u64) -> LoadedBatch {
+    LoadedBatch {
+        last_seq,
+        upto_hlc: Hlc::ZERO,
+        items: vec![],
+        watermarks: vec![],
+    }
+}
+
 /// A city's uplink settings with a window of 2.
 fn hangzhou_uplink() -> UplinkConfig {
     UplinkConfig {
@@ -1466,13 +1477,7 @@ fn uplink_window_bounds_unacknowledged_batches() {
     for _ in 0..10 {
         match u.poll_event() {
             Some(UplinkEvent::LoadBatch { after, epoch }) => {
-                let batch = LoadedBatch {
-                    last_seq: after + 2,
-                    upto_hlc: Hlc::ZERO,
-                    items: vec![],
-                    watermarks: vec![],
-                };
-                u.batch_loaded(epoch, batch);
+                u.batch_loaded(epoch, empty_batch(after + 2));
             }
             Some(UplinkEvent::Send(Frame::Batch { last_seq, .. })) => sent.push(last_seq),
             _ => break,
@@ -1499,13 +1504,7 @@ fn uplink_awaits_an_answer_only_while_one_is_owed() {
     u.changes_available(6, Hlc::ZERO);
     while let Some(ev) = u.poll_event() {
         if let UplinkEvent::LoadBatch { after, epoch } = ev {
-            let batch = LoadedBatch {
-                last_seq: after + 2,
-                upto_hlc: Hlc::ZERO,
-                items: vec![],
-                watermarks: vec![],
-            };
-            u.batch_loaded(epoch, batch);
+            u.batch_loaded(epoch, empty_batch(after + 2));
         }
     }
     assert!(u.awaiting_answer(), "a batch is in flight");
