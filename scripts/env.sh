@@ -42,10 +42,16 @@ tiersync_ensure_build_deps() {
     command -v cargo >/dev/null 2>&1 || { echo "tiersync: cargo (the Rust toolchain) is required" >&2; return 1; }
 }
 
-# What the tests need beyond the build: the clock-skew tests run nodes
-# under faketime.
+# What the tests need beyond the build: the clock-skew and config-check
+# tests run tiersync under faketime; the metrics test runs promtool (Debian
+# package prometheus).
 tiersync_ensure_test_deps() {
-    command -v faketime >/dev/null 2>&1 || _tiersync_install faketime
+    local missing=()
+    command -v faketime >/dev/null 2>&1 || missing+=(faketime)
+    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    if [ ${#missing[@]} -gt 0 ]; then
+        _tiersync_install "${missing[@]}" || return 1
+    fi
 }
 
 # One target directory outside the clone, so a fresh clone on the same

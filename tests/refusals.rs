@@ -49,7 +49,11 @@ fn child_config(
          [tls]\nca = {:?}\ncert = \"certs/{cert}.pem\"\nkey = \"certs/{cert}.key\"\n",
         free_port().expect("port"),
         free_port().expect("port"),
-        parent.config.listen.peer,
+        parent
+            .config
+            .listen
+            .peer
+            .expect("the parent's peer address"),
         ca.display().to_string(),
     );
     let path = dir.join(format!("{name}.toml"));
@@ -221,7 +225,8 @@ async fn hostile(c: &Cluster, as_node: &str) -> Hostile {
         .unwrap()
         .config
         .listen
-        .peer;
+        .peer
+        .expect("the province's peer address");
     let conn = tiersync::tls::connect(&endpoint, parent, &NodeId::new("zhejiang").unwrap())
         .await
         .unwrap();

@@ -80,8 +80,10 @@ pub struct NodeSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenSection {
-    /// QUIC address children connect to.
-    pub peer: SocketAddr,
+    /// QUIC address children connect to; only a node with children binds it
+    /// (a city needs none).
+    #[serde(default)]
+    pub peer: Option<SocketAddr>,
     /// HTTP API address.
     pub api: SocketAddr,
 }
@@ -133,6 +135,16 @@ impl Default for ApiSection {
     }
 }
 
+/// `[log]`: logging, changeable by a reload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// A `RUST_LOG`-style filter, e.g. `info` or `info,tiersync::link=debug`
+    /// (default `info`; the `RUST_LOG` environment variable overrides it).
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
 /// One node's configuration file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,6 +168,9 @@ pub struct NodeConfig {
     /// API settings.
     #[serde(default)]
     pub api: ApiSection,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSection,
 }
 
 /// A node configuration together with the policy it names, both validated.
@@ -296,7 +311,19 @@ impl NodeConfig {
                 "missing: a node with a parent or children needs [tls] ca, cert and key",
             ));
         }
-        if self.listen.peer == self.listen.api {
+        if let Some(level) = &self.log.level
+            && let Err(e) = tracing_subscriber::EnvFilter::builder().parse(level)
+        {
+            return Err(invalid(file, "log.level", format!("{level:?}: {e}")));
+        }
+        if self.listen.peer.is_none() && !self.children.is_empty() {
+            return Err(invalid(
+                file,
+                "listen.peer",
+                "missing: a node with children needs the QUIC address they connect to",
+            ));
+        }
+        if self.listen.peer == Some(self.listen.api) {
             return Err(invalid(
                 file,
                 "listen.api",

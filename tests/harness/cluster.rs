@@ -153,7 +153,8 @@ impl Cluster {
     /// SIGKILL.
     pub fn kill(&mut self, id: &str) {
         if let Some(mut c) = self.procs.remove(id) {
-            let _ = c.kill();
+            // The whole group: the node and anything it runs under.
+            let _ = tiersync::process::signal_group(c.id(), tiersync::process::SIGKILL);
             let _ = c.wait();
         }
     }
@@ -170,7 +171,8 @@ impl Cluster {
                     self.log(id)
                 ),
                 None => {
-                    let _ = c.kill();
+                    let _ = tiersync::process::signal_group(c.id(), tiersync::process::SIGKILL);
+                    let _ = c.wait();
                     panic!("{id} did not stop within 30 s of SIGTERM");
                 }
             }
@@ -374,6 +376,7 @@ impl Cluster {
             .config
             .listen
             .peer
+            .unwrap_or_else(|| panic!("{id} has no [listen] peer (a city binds none)"))
     }
 
     /// Points node `id`'s uplink at `addr` (e.g. a fault proxy), as an
@@ -650,7 +653,7 @@ impl Drop for AckedWriter {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for (_, mut c) in std::mem::take(&mut self.procs) {
-            let _ = c.kill();
+            let _ = tiersync::process::signal_group(c.id(), tiersync::process::SIGKILL);
             let _ = c.wait();
         }
     }

@@ -864,6 +864,8 @@ async fn status_metrics_and_openapi() {
         ("/v1/status", "GET"),
         ("/v1/openapi.json", "GET"),
         ("/metrics", "GET"),
+        ("/healthz", "GET"),
+        ("/readyz", "GET"),
     ]
     .into_iter()
     .map(|(p, m)| (p.to_string(), m.to_string()))

@@ -119,8 +119,8 @@ pub struct DownlinkCtx {
     pub node: NodeId,
     /// Its tier.
     pub tier: Tier,
-    /// Configured children.
-    pub children: BTreeSet<NodeId>,
+    /// Configured children (a reload may swap the set).
+    pub children: Arc<arc_swap::ArcSwap<BTreeSet<NodeId>>>,
     /// Subtree claims of connected children.
     pub claims: Claims,
     /// Shared status.
@@ -223,7 +223,7 @@ async fn handle(
     match result {
         Ok(()) => info!("child link closed"),
         Err(e) => {
-            metrics::counter!("tiersync_link_errors_total", "link" => "child").increment(1);
+            metrics::counter!("tiersync_link_errors_total", "link" => "child", "peer" => id.clone()).increment(1);
             warn!(error = %e, "child link closed");
         }
     }
@@ -243,7 +243,7 @@ async fn drive(
         node: ctx.node.clone(),
         tier: ctx.tier,
         policy_digest: ctx.policy.digest(),
-        children: ctx.children.clone(),
+        children: ctx.children.load().as_ref().clone(),
     };
     let mut session = Downlink::new(cfg, peer.clone());
     let max = ctx.policy.limits.max_frame_bytes;
@@ -328,7 +328,7 @@ async fn drive(
                     for (origin, seq, ms) in marks {
                         // "Everything `origin` wrote up to `seq` (at time `ms`) is here."
                         metrics::gauge!("tiersync_origin_watermark_seq", "origin" => origin.clone()).set(seq as f64);
-                        metrics::gauge!("tiersync_origin_complete_up_to_seconds", "origin" => origin).set(ms as f64 / 1000.0);
+                        metrics::gauge!("tiersync_origin_complete_up_to_timestamp_seconds", "origin" => origin).set(ms as f64 / 1000.0);
                     }
                     metrics::counter!("tiersync_merge_conflicts_total")
                         .increment(stats.conflicts as u64);

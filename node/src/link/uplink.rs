@@ -88,7 +88,7 @@ pub async fn run(ctx: UplinkCtx, mut shutdown: watch::Receiver<bool>) {
                 Err(e) => e.to_string(),
             };
             warn!(error = %err, retry_in = ?backoff, "uplink down");
-            metrics::counter!("tiersync_link_errors_total", "link" => "parent").increment(1);
+            metrics::counter!("tiersync_link_errors_total", "link" => "parent", "peer" => ctx.parent.id.to_string()).increment(1);
             ctx.status.uplink(|s| {
                 s.state = "down".into();
                 s.last_error = Some(err);
@@ -182,11 +182,11 @@ async fn connect_and_stream(
                     };
                     let bytes = write_frame(&mut send, &frame, max).await?;
                     if matches!(frame, Frame::Batch { .. } | Frame::SnapshotChunk { .. }) {
-                        metrics::counter!("tiersync_link_batches_total", "link" => "parent")
+                        metrics::counter!("tiersync_link_batches_total", "link" => "parent", "peer" => ctx.parent.id.to_string())
                             .increment(1);
-                        metrics::counter!("tiersync_link_items_total", "link" => "parent")
+                        metrics::counter!("tiersync_link_items_total", "link" => "parent", "peer" => ctx.parent.id.to_string())
                             .increment(items as u64);
-                        metrics::counter!("tiersync_link_bytes_total", "link" => "parent")
+                        metrics::counter!("tiersync_link_bytes_total", "link" => "parent", "peer" => ctx.parent.id.to_string())
                             .increment(bytes as u64);
                         ctx.status.uplink(|s| {
                             s.batches_sent += 1;
