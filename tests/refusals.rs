@@ -162,8 +162,39 @@ fn certificate_of_another_node_is_refused() {
         &c.dir.path().join("certs/ca.pem"),
         "policy.toml",
     );
-    let err = assert_uplink_error(&mut c, "liar", cfg, "IdMismatch");
-    assert!(err.contains("certificate is for hangzhou"), "{err}");
+    // `tiersync run` itself refuses a certificate that is not its node's …
+    let out = std::process::Command::new(tiersync_tests::workspace_bin("tiersync"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run tiersync");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls.cert") && err.contains("is the certificate of node hangzhou, not ningbo"),
+        "{err}"
+    );
+    // … so the liar speaks the protocol directly, and the parent refuses it.
+    runtime().block_on(async {
+        let mut h = hostile(&c, "hangzhou").await;
+        h.send(&Frame::Hello {
+            protocol: PROTOCOL_VERSION,
+            node: NodeId::new("ningbo").unwrap(),
+            tier: Tier::City,
+            policy_digest: example_policy().digest(),
+            incarnation: 7,
+            subtree: vec![],
+        })
+        .await;
+        match h.recv().await {
+            Some(Frame::Refuse { reason, message }) => {
+                assert!(matches!(reason, RefuseReason::IdMismatch), "{reason:?}");
+                assert!(message.contains("certificate is for hangzhou"), "{message}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    });
+    c.stop_all();
 }
 
 #[test]
