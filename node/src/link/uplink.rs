@@ -140,7 +140,12 @@ async fn connect_and_stream(
         c = connect => c,
         _ = shutdown.changed() => return Ok(()),
     }
-    .map_err(|_| LinkError::Connect(format!("no answer from {addr} within 10 s")))?
+    .map_err(|_| {
+        LinkError::Connect(format!(
+            "no answer from parent {} at {addr} ({}) within 10 s: is parent.addr its [listen] peer, is it running, and does UDP reach it?",
+            ctx.parent.id, ctx.parent.addr
+        ))
+    })?
     .map_err(|e| LinkError::Connect(e.to_string()))?;
     let (mut send, recv) = conn.open_bi().await?;
     ctx.status.uplink(|s| {
