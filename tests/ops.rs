@@ -237,14 +237,17 @@ fn reload_at(c: &Cluster, id: &str) -> Output {
     tiersync(&["reload", "--node", &url, "--timeout", "30"])
 }
 
-fn metric(c: &Cluster, id: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let text = ureq::get(&c.url(id, "/metrics"))
+fn metrics_text(c: &Cluster, id: &str) -> String {
+    ureq::get(&c.url(id, "/metrics"))
         .call()
         .unwrap()
         .body_mut()
         .read_to_string()
-        .unwrap();
-    tiersync::client::metric_value(&text, name, labels)
+        .unwrap()
+}
+
+fn metric(c: &Cluster, id: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    tiersync::client::metric_value(&metrics_text(c, id), name, labels)
 }
 
 #[test]
@@ -371,12 +374,7 @@ fn metrics_are_present_at_start_and_pass_promtool() {
     let mut c = small();
     c.start_all();
     for id in ["national", "zhejiang", "hangzhou"] {
-        let text = ureq::get(&c.url(id, "/metrics"))
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap();
+        let text = metrics_text(&c, id);
         // Every family has HELP text.
         for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             let name = line.split_whitespace().nth(2).unwrap();

@@ -177,15 +177,7 @@ fn certificate_of_another_node_is_refused() {
     // … so the liar speaks the protocol directly, and the parent refuses it.
     runtime().block_on(async {
         let mut h = hostile(&c, "hangzhou").await;
-        h.send(&Frame::Hello {
-            protocol: PROTOCOL_VERSION,
-            node: NodeId::new("ningbo").unwrap(),
-            tier: Tier::City,
-            policy_digest: example_policy().digest(),
-            incarnation: 7,
-            subtree: vec![],
-        })
-        .await;
+        h.send(&hello_frame("ningbo", PROTOCOL_VERSION, 7)).await;
         match h.recv().await {
             Some(Frame::Refuse { reason, message }) => {
                 assert!(matches!(reason, RefuseReason::IdMismatch), "{reason:?}");
@@ -299,16 +291,20 @@ impl Hostile {
     }
 
     async fn hello(&mut self, node: &str) {
-        self.send(&Frame::Hello {
-            protocol: PROTOCOL_VERSION,
-            node: NodeId::new(node).unwrap(),
-            tier: Tier::City,
-            policy_digest: example_policy().digest(),
-            incarnation: 7,
-            subtree: vec![],
-        })
-        .await;
+        self.send(&hello_frame(node, PROTOCOL_VERSION, 7)).await;
         assert!(matches!(self.recv().await, Some(Frame::Welcome { .. })));
+    }
+}
+
+/// A city's Hello claiming to be `node`.
+fn hello_frame(node: &str, protocol: u32, incarnation: u64) -> Frame {
+    Frame::Hello {
+        protocol,
+        node: NodeId::new(node).unwrap(),
+        tier: Tier::City,
+        policy_digest: example_policy().digest(),
+        incarnation,
+        subtree: vec![],
     }
 }
 
@@ -426,15 +422,8 @@ fn unsupported_protocol_version_is_refused() {
     let c = cluster();
     runtime().block_on(async {
         let mut h = hostile(&c, "hangzhou").await;
-        h.send(&Frame::Hello {
-            protocol: PROTOCOL_VERSION + 1,
-            node: NodeId::new("hangzhou").unwrap(),
-            tier: Tier::City,
-            policy_digest: example_policy().digest(),
-            incarnation: 1,
-            subtree: vec![],
-        })
-        .await;
+        h.send(&hello_frame("hangzhou", PROTOCOL_VERSION + 1, 1))
+            .await;
         assert!(matches!(
             h.recv().await,
             Some(Frame::Refuse {

@@ -391,58 +391,43 @@ impl Running {
     pub fn reload(&self, new: &Loaded) -> Result<Vec<String>, ReloadError> {
         let old = self.live.config.load_full();
         let (o, n) = (&old.config, &new.config);
-        let mut fixed = Vec::new();
-        let mut differs = |key: &str, a: String, b: String| {
-            if a != b {
-                fixed.push(format!("{key}: {a} → {b}"));
-            }
-        };
-        differs("node.id", o.node.id.to_string(), n.node.id.to_string());
-        differs(
-            "node.tier",
-            o.node.tier.to_string(),
-            n.node.tier.to_string(),
-        );
-        differs(
-            "node.data_dir",
-            o.node.data_dir.display().to_string(),
-            n.node.data_dir.display().to_string(),
-        );
-        differs(
-            "listen.api",
-            o.listen.api.to_string(),
-            n.listen.api.to_string(),
-        );
-        differs(
-            "listen.peer",
-            format!("{:?}", o.listen.peer),
-            format!("{:?}", n.listen.peer),
-        );
-        differs(
-            "parent",
-            format!("{:?}", o.parent.as_ref().map(|p| (&p.id, &p.addr))),
-            format!("{:?}", n.parent.as_ref().map(|p| (&p.id, &p.addr))),
-        );
-        differs(
-            "storage.durability",
-            format!("{:?}", o.storage.durability),
-            format!("{:?}", n.storage.durability),
-        );
-        differs(
-            "api.max_body_bytes",
-            o.api.max_body_bytes.to_string(),
-            n.api.max_body_bytes.to_string(),
-        );
-        differs(
-            "tls",
-            if o.tls.is_some() { "present" } else { "absent" }.into(),
-            if n.tls.is_some() { "present" } else { "absent" }.into(),
-        );
-        differs(
-            "node.policy (digest)",
-            old.policy.digest_hex()[..16].to_string(),
-            new.policy.digest_hex()[..16].to_string(),
-        );
+        type Get = fn(&Loaded) -> String;
+        let restart_only: [(&str, Get); 10] = [
+            ("node.id", |l| l.config.node.id.to_string()),
+            ("node.tier", |l| l.config.node.tier.to_string()),
+            ("node.data_dir", |l| {
+                l.config.node.data_dir.display().to_string()
+            }),
+            ("listen.api", |l| l.config.listen.api.to_string()),
+            ("listen.peer", |l| format!("{:?}", l.config.listen.peer)),
+            ("parent", |l| {
+                format!("{:?}", l.config.parent.as_ref().map(|p| (&p.id, &p.addr)))
+            }),
+            ("storage.durability", |l| {
+                format!("{:?}", l.config.storage.durability)
+            }),
+            ("api.max_body_bytes", |l| {
+                l.config.api.max_body_bytes.to_string()
+            }),
+            ("tls", |l| {
+                if l.config.tls.is_some() {
+                    "present"
+                } else {
+                    "absent"
+                }
+                .to_string()
+            }),
+            ("node.policy (digest)", |l| {
+                l.policy.digest_hex()[..16].to_string()
+            }),
+        ];
+        let mut fixed: Vec<String> = restart_only
+            .iter()
+            .filter_map(|(key, get)| {
+                let (a, b) = (get(&old), get(new));
+                (a != b).then(|| format!("{key}: {a} → {b}"))
+            })
+            .collect();
         if self.live.peer_endpoint.is_none() && !n.children.is_empty() {
             fixed.push(
                 "children: the node started without children, so it listens for none; restart it to accept children"
