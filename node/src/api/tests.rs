@@ -941,3 +941,23 @@ async fn metrics_disabled_and_default_links() {
     );
     n.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_stopping_flag() {
+    let ops = Arc::new(crate::ops::Ops::default());
+    let flag = ops.clone();
+    let n = start_custom(shipped_policy(), 1024, move |st| st.ops = flag).await;
+    let live = n.call("GET", "/healthz", None).await;
+    assert_eq!(live.status, 200);
+    let ready = n.call("GET", "/readyz", None).await;
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["checks"]["uplink"], "connected");
+    ops.set_stopping();
+    let stopping = n.call("GET", "/readyz", None).await;
+    assert_eq!(stopping.status, 503);
+    assert_eq!(stopping.json()["status"], "unavailable");
+    assert_eq!(stopping.json()["checks"]["shutdown"], "stopping");
+    // Liveness does not depend on it.
+    assert_eq!(n.call("GET", "/healthz", None).await.status, 200);
+    n.stop().await;
+}
