@@ -206,7 +206,7 @@ fn health_endpoints_and_plain_logs() {
         item["patch"]["requestBody"]["content"]["application/json"]["schema"]["minProperties"],
         1
     );
-    let agg = &doc["paths"]["/v1/aggregates/{name}"]["get"]["parameters"];
+    let agg = &doc["paths"]["/v1/aggregates/billing_by_city_month"]["get"]["parameters"];
     let format = agg
         .as_array()
         .unwrap()

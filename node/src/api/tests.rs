@@ -846,11 +846,22 @@ async fn status_metrics_and_openapi() {
     let doc = n.get("/v1/openapi.json").await.json();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let mut ops = BTreeSet::new();
+    // One path per declared aggregate stands for `/v1/aggregates/{name}`.
+    let mut aggregates = 0;
     for (path, item) in doc["paths"].as_object().unwrap() {
+        let path = match path.strip_prefix("/v1/aggregates/") {
+            Some(name) => {
+                assert!(shipped_policy().aggregates.contains_key(name), "{path}");
+                aggregates += 1;
+                "/v1/aggregates/{name}".to_string()
+            }
+            None => path.clone(),
+        };
         for method in item.as_object().unwrap().keys() {
             ops.insert((path.clone(), method.to_uppercase()));
         }
     }
+    assert_eq!(aggregates, shipped_policy().aggregates.len());
     let expect: BTreeSet<(String, String)> = [
         ("/v1/records/{category}/{key}", "PUT"),
         ("/v1/records/{category}/{key}", "PATCH"),

@@ -262,7 +262,10 @@ pub async fn status(State(st): State<ApiState>) -> Result<Json<StatusView>, ApiE
     responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object))
 )]
 pub async fn openapi(State(st): State<ApiState>) -> Json<serde_json::Value> {
-    Json(super::openapi::document(st.store.policy()))
+    Json(super::openapi::document(
+        st.store.policy(),
+        st.store.aggregates(),
+    ))
 }
 
 /// Prometheus metrics in the text exposition format.
