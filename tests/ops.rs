@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde_json::Value as Json;
 use tiersync::deploygen::Spec;
 use tiersync_tests::cluster::Cluster;
-use tiersync_tests::{env_count, wait_for, workspace_bin};
+use tiersync_tests::{ProcessGroup, env_count, wait_for, workspace_bin};
 
 fn tiersync(args: &[&str]) -> Output {
     Command::new(workspace_bin("tiersync"))
@@ -567,4 +567,39 @@ fn error_messages_say_what_to_do() {
     let err = stderr(&out);
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
     c.stop_all();
+}
+
+#[test]
+fn a_node_under_a_wrapper_is_stopped_with_its_group() {
+    let c = small();
+    // faketime runs the node as its child, as the clock-skew tests do.
+    let log = std::fs::File::create(c.dir.path().join("logs").join("national.log")).unwrap();
+    let group = ProcessGroup::spawn(
+        Command::new("faketime")
+            .args(["-f", "+0s"])
+            .arg(workspace_bin("tiersync"))
+            .args(["run", "--config"])
+            .arg(c.config("national"))
+            .stdout(Stdio::null())
+            .stderr(log),
+    )
+    .expect("faketime is required (Debian package faketime; scripts/env.sh installs it)");
+    let pid = wait_for(Duration::from_secs(30), || {
+        c.get_opt("national", "/v1/status")?.body["pid"].as_u64()
+    })
+    .expect("the node under faketime did not start");
+    assert_ne!(
+        u64::from(group.id()),
+        pid,
+        "faketime exec'd: no wrapper to test"
+    );
+    // What a failing test does: the guard is dropped.
+    drop(group);
+    // Gone, or a zombie waiting for whoever adopted it to reap it.
+    let gone = wait_for(Duration::from_secs(30), || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+        matches!(state, None | Some('Z')).then_some(())
+    });
+    assert!(gone.is_some(), "node {pid} outlived its wrapper's group");
 }
