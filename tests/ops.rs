@@ -308,6 +308,46 @@ fn sighup_reloads_what_it_can_and_refuses_the_rest() {
         after < before - 86_400.0,
         "the renewed certificate is not in use: expiry {before} → {after}"
     );
+    // The new child is admitted: before the reload the province refused it
+    // as unknown.
+    tiersync::certs::issue(
+        &certs,
+        &tiersync_protocol::NodeId::new("newcity").unwrap(),
+        None,
+        5,
+    )
+    .unwrap();
+    let newcity = write(
+        &c,
+        "newcity.toml",
+        &edited(
+            &c,
+            "hangzhou",
+            &[
+                ("id = \"hangzhou\"", "id = \"newcity\""),
+                (
+                    "data_dir = \"data/hangzhou\"",
+                    "data_dir = \"data/newcity\"",
+                ),
+                ("certs/hangzhou.pem", "certs/newcity.pem"),
+                ("certs/hangzhou.key", "certs/newcity.key"),
+                (
+                    &api_line(&c, "hangzhou"),
+                    &format!(
+                        "api = \"127.0.0.1:{}\"",
+                        tiersync::deploygen::free_port().unwrap()
+                    ),
+                ),
+            ],
+        ),
+    );
+    c.start_with("newcity", newcity);
+    let admitted = wait_for(Duration::from_secs(30), || {
+        let s = c.get(id, "/v1/status").body;
+        (s["links"]["children"]["newcity"]["connected"] == true).then_some(())
+    });
+    assert!(admitted.is_some(), "{}", c.get(id, "/v1/status").body);
+    c.stop("newcity");
     // Links still work with the renewed certificate.
     assert_eq!(
         c.send(
