@@ -643,3 +643,35 @@ fn a_node_under_a_wrapper_is_stopped_with_its_group() {
     });
     assert!(gone.is_some(), "node {pid} outlived its wrapper's group");
 }
+
+#[test]
+fn uplink_lag_metric_agrees_with_status_from_the_start() {
+    let mut c = small();
+    c.start_all();
+    c.stop("zhejiang");
+    for i in 0..3 {
+        let r = c.send(
+            "PUT",
+            "hangzhou",
+            &format!("/v1/records/customer/lag-{i}"),
+            &serde_json::json!({"i": i}),
+        );
+        assert_eq!(r.status, 200);
+    }
+    // Restarted with its parent away: the backlog shows at once.
+    c.stop("hangzhou");
+    c.start("hangzhou");
+    let lag = metric(
+        &c,
+        "hangzhou",
+        "tiersync_uplink_lag_records",
+        &[("peer", "zhejiang")],
+    );
+    assert!(lag.is_some_and(|l| l >= 3.0), "lag at start: {lag:?}");
+    // Once the uplink reports, the status says the same.
+    let in_status = wait_for(Duration::from_secs(30), || {
+        c.get("hangzhou", "/v1/status").body["links"]["parent"]["lag_records"].as_f64()
+    });
+    assert_eq!(lag, in_status);
+    c.stop_all();
+}

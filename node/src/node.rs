@@ -205,6 +205,9 @@ pub async fn start(
     let (writer, writer_thread) =
         Writer::spawn(store.clone(), WRITE_QUEUE).context("starting the writer thread")?;
     crate::telemetry::register(cfg, &policy);
+    // Before the first scrape, so a restarted child with a backlog never
+    // shows a lag of 0.
+    store_gauges(&store, &LinkStatus::default(), parent_id(cfg).as_deref());
     let (shutdown, shutdown_rx) = watch::channel(false);
     let status = Arc::new(LinkStatus::default());
     let claims: Claims = Claims::default();
@@ -257,7 +260,7 @@ pub async fn start(
     // Gauges read from the store, so they agree with `/v1/status`.
     let gauge_store = store.clone();
     let gauge_links = status.clone();
-    let parent_id = cfg.parent.as_ref().map(|p| p.id.to_string());
+    let parent_id = parent_id(cfg);
     let mut gauge_stop = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -327,6 +330,23 @@ pub async fn start(
     })
 }
 
+fn parent_id(cfg: &crate::config::NodeConfig) -> Option<String> {
+    cfg.parent.as_ref().map(|p| p.id.to_string())
+}
+
+/// Changes the parent has not acknowledged and the age of the oldest, from
+/// the store alone (before the uplink has reported): the changelog is
+/// trimmed only below what the parent acknowledged.
+fn unacknowledged(store: &Store) -> (f64, f64) {
+    let acked = store.retained_from().unwrap_or(1).saturating_sub(1);
+    let lag = store.last_seq().unwrap_or(0).saturating_sub(acked);
+    let seconds = match store.hlc_of(acked + 1) {
+        Ok(Some(h)) if lag > 0 => crate::now_ms().saturating_sub(h.physical_ms) as f64 / 1000.0,
+        _ => 0.0,
+    };
+    (lag as f64, seconds)
+}
+
 /// Size, sequence, uplink lag and watermark gauges, from the store.
 fn store_gauges(store: &Store, links: &LinkStatus, parent: Option<&str>) {
     if let Ok(bytes) = store.size_bytes() {
@@ -338,14 +358,16 @@ fn store_gauges(store: &Store, links: &LinkStatus, parent: Option<&str>) {
     if let Some(parent) = parent {
         let view = links.to_json(store);
         let p = &view["parent"];
-        if !p.is_null() {
-            let records = p["lag_records"].as_f64().unwrap_or(0.0);
-            let seconds = p["lag_seconds"].as_f64().unwrap_or(0.0);
-            metrics::gauge!("tiersync_uplink_lag_records", "peer" => parent.to_string())
-                .set(records);
-            metrics::gauge!("tiersync_uplink_lag_seconds", "peer" => parent.to_string())
-                .set(seconds);
-        }
+        let (records, seconds) = if p.is_null() {
+            unacknowledged(store)
+        } else {
+            (
+                p["lag_records"].as_f64().unwrap_or(0.0),
+                p["lag_seconds"].as_f64().unwrap_or(0.0),
+            )
+        };
+        metrics::gauge!("tiersync_uplink_lag_records", "peer" => parent.to_string()).set(records);
+        metrics::gauge!("tiersync_uplink_lag_seconds", "peer" => parent.to_string()).set(seconds);
     }
     for w in store.watermarks().unwrap_or_default() {
         let origin = w.origin.to_string();
