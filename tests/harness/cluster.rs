@@ -299,7 +299,22 @@ impl Cluster {
             let all = self.procs.keys().all(|id| {
                 let s = self.get(id, "/v1/status").body;
                 let parent = &s["links"]["parent"];
-                parent.is_null() || (parent["lag_records"] == 0 && parent["state"] == "streaming")
+                if parent.is_null() {
+                    return true;
+                }
+                if parent["lag_records"] != 0 || parent["state"] != "streaming" {
+                    return false;
+                }
+                // A child reports no lag once its snapshot is sent, before
+                // the parent has merged it: the parent's cursor says.
+                match parent["parent"].as_str() {
+                    Some(p) if self.procs.contains_key(p) => {
+                        let cursor =
+                            &self.get(p, "/v1/status").body["links"]["children"][id]["cursor"];
+                        *cursor == s["last_seq"]
+                    }
+                    _ => true,
+                }
             });
             streak = if all { streak + 1 } else { 0 };
             (streak >= 3).then_some(())
