@@ -481,7 +481,28 @@ fn run(config_path: PathBuf) -> Result<()> {
             node.api_addr,
             node.peer_addr.map(|a| a.to_string()).unwrap_or_default()
         );
-        shutdown_signal().await?;
+        // After a failed WAL sync the store takes no more writes; the node
+        // exits so that its supervisor restarts it and RocksDB recovers
+        // from the WAL (fail-stop, as PostgreSQL does after "fsyncgate").
+        let store = node.store.clone();
+        let stopped = async move {
+            loop {
+                if let Some(why) = store.stopped() {
+                    return why.to_string();
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        };
+        tokio::select! {
+            r = shutdown_signal() => r?,
+            why = stopped => {
+                tracing::error!(error = %why, "a WAL sync failed: stopping; restart the node to recover from its WAL");
+                if let Err(e) = node.shutdown().await {
+                    tracing::warn!(error = %e, "shutdown after the failed sync");
+                }
+                anyhow::bail!("a WAL sync failed ({why}); the node stopped without acknowledging anything after it");
+            }
+        }
         tracing::info!("shutting down");
         node.shutdown().await?;
         tracing::info!("stopped cleanly");

@@ -115,20 +115,32 @@ pub async fn start(
                 endpoint,
                 subtree,
                 status: status.clone(),
+                retention: cfg.storage.changelog_retention,
             };
             tasks.push(tokio::spawn(uplink::run(ctx, shutdown_rx.clone())));
         }
     }
 
-    // Storage size for operators (RocksDB properties are cheap to read).
+    // Storage size for operators (RocksDB properties are cheap to read),
+    // and the changelog's retention: acknowledged entries (all of them at a
+    // node without a parent) go once they are older than the window.
     let size_store = store.clone();
     let mut size_stop = shutdown_rx.clone();
+    let root = cfg.parent.is_none();
+    let retention = cfg.storage.changelog_retention;
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = size_stop.changed() => break,
+            }
+            let cutoff = crate::now_ms().saturating_sub(retention.as_millis() as u64);
+            let trim_store = size_store.clone();
+            match tokio::task::spawn_blocking(move || trim_store.trim_expired(root, cutoff)).await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "trimming the changelog failed"),
+                Err(e) => tracing::warn!(error = %e, "trimming the changelog failed"),
+                Ok(Ok(_)) => {}
             }
             if let Ok(bytes) = size_store.size_bytes() {
                 metrics::gauge!("tiersync_rocksdb_size_bytes").set(bytes as f64);

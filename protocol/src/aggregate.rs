@@ -261,6 +261,29 @@ impl Counters {
             .unwrap_or_default()
     }
 
+    /// Drops the contributions of every actor `keep` refuses; returns how
+    /// many actors were dropped.
+    pub fn retain_actors(&mut self, keep: impl Fn(&NodeId) -> bool) -> usize {
+        let gone: Vec<NodeId> = self.actors().into_iter().filter(|a| !keep(a)).collect();
+        if gone.is_empty() {
+            return 0;
+        }
+        for c in &mut self.measures {
+            let (p, n) = Self::dots(c);
+            let mut kept = PNCounter::new();
+            for (actor, steps) in p.into_iter().filter(|(a, _)| keep(a)) {
+                let op = kept.inc_many(actor, steps);
+                kept.apply(op);
+            }
+            for (actor, steps) in n.into_iter().filter(|(a, _)| keep(a)) {
+                let op = kept.dec_many(actor, steps);
+                kept.apply(op);
+            }
+            *c = kept;
+        }
+        gone.len()
+    }
+
     /// Every actor that contributed.
     pub fn actors(&self) -> Vec<NodeId> {
         let mut out = std::collections::BTreeSet::new();
