@@ -1028,7 +1028,7 @@ pub fn validate_item(
 ) -> Result<(), String> {
     let at = || format!("{}/{}", w.category, w.key);
     if w.category == crate::aggregate::COUNTERS_CATEGORY {
-        return validate_counters(policy, origin_allowed, w);
+        return validate_counters(policy, now_ms, origin_allowed, w);
     }
     let cat = policy
         .category(&w.category)
@@ -1080,6 +1080,7 @@ pub fn validate_item(
 /// the definition, and every actor is the sender or in its subtree.
 fn validate_counters(
     policy: &Policy,
+    now_ms: u64,
     origin_allowed: impl Fn(&NodeId) -> bool,
     w: &WireItem,
 ) -> Result<(), String> {
@@ -1104,7 +1105,10 @@ fn validate_counters(
             "{at}: counters travel only for aggregates over private categories"
         ));
     }
-    if c.group.len() != compiled.dims.len() || c.measures.len() != compiled.measures.len() {
+    if c.group.len() != compiled.dims.len()
+        || c.measures != compiled.measures.len()
+        || !c.well_formed()
+    {
         return Err(format!(
             "{at}: counters do not fit the definition of {}",
             c.aggregate
@@ -1114,6 +1118,12 @@ fn validate_counters(
         return Err(format!("{at}: key does not match the counters' group"));
     }
     policy.check_key(&w.key).map_err(|e| format!("{at}: {e}"))?;
+    // A share versioned in the future would overrule its city's real
+    // totals until then.
+    let limit = now_ms.saturating_add(policy.limits.max_clock_skew_ms);
+    if let Some(s) = c.shares.values().find(|s| s.version.physical_ms > limit) {
+        return Err(format!("{at}: {}", future_msg(s.version, now_ms, policy)));
+    }
     if let Some(bad) = c.actors().into_iter().find(|a| !origin_allowed(a)) {
         return Err(format!(
             "{at}: counter actor {bad} is not the sender or a node of its subtree"

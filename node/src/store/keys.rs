@@ -29,6 +29,8 @@ pub const META_INCARNATION: &[u8] = b"incarnation";
 /// `(seq, hlc)` of the last changelog entry trimmed after a parent's
 /// acknowledgement.
 pub const META_ACKED: &[u8] = b"acked";
+/// Present once private aggregates are kept as per-city shares.
+pub const META_COUNTERS_V2: &[u8] = b"counters_v2";
 /// The parent this node last started under.
 pub const META_PARENT: &[u8] = b"parent";
 /// Present once the per-category item counts below are kept.

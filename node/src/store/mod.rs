@@ -72,6 +72,9 @@ pub enum StoreError {
         /// The first entry still held.
         retained: u64,
     },
+    /// An aggregate total would overflow.
+    #[error(transparent)]
+    Overflow(tiersync_protocol::aggregate::Overflow),
     /// The writer lock was poisoned by a panic in another writer.
     #[error("the store's writer lock is poisoned")]
     Poisoned,
@@ -148,6 +151,10 @@ pub enum WriteError {
         /// The limit.
         max: usize,
     },
+    /// The item's contribution would push an aggregate total past what
+    /// fixed point can hold.
+    #[error(transparent)]
+    Overflow(#[from] tiersync_protocol::aggregate::Overflow),
     /// The store failed; the mutation may or may not have been written, and is
     /// not acknowledged.
     #[error(transparent)]
@@ -520,6 +527,7 @@ impl Store {
         store.trimmed_upto.store(trimmed, Ordering::SeqCst);
         // Only what a parent acknowledged was ever trimmed.
         store.acked.store(trimmed, Ordering::SeqCst);
+        store.migrate_counters()?;
         store.rebuild_changed_aggregates()?;
         store.load_counts()?;
         let (last_seq, hlc) = {
@@ -538,6 +546,27 @@ impl Store {
         let last_hlc = store.hlc_of(last_seq)?.or(mark).unwrap_or(hlc);
         store.committed.send_replace((last_seq, last_hlc));
         Ok(store)
+    }
+
+    /// A store written when private aggregates were grow-only counters (which
+    /// a wiped city could not reset) drops them; each aggregate is rebuilt
+    /// from the node's own data, and its children send theirs again.
+    fn migrate_counters(&self) -> Result<(), StoreError> {
+        let meta = self.cf(CF_META)?;
+        if self.db.get_pinned_cf(meta, META_COUNTERS_V2)?.is_some() {
+            return Ok(());
+        }
+        let mut b = WriteBatch::default();
+        let from = data_key(COUNTERS_CATEGORY, "");
+        let mut to = COUNTERS_CATEGORY.as_bytes().to_vec();
+        to.push(1);
+        b.delete_range_cf(self.cf(CF_DATA)?, from, to);
+        for agg in self.aggs.iter().filter(|a| self.source_is_private(a)) {
+            b.delete_cf(meta, format!("agg/{}", agg.name).as_bytes());
+        }
+        b.put_cf(meta, META_COUNTERS_V2, []);
+        self.db.write_opt(b, &sync_opts())?;
+        Ok(())
     }
 
     /// Loads the item counts; a store written before they were kept is
@@ -644,6 +673,21 @@ impl Store {
             seq_key(seq),
             encode(CF_CHANGELOG, &entry)?,
         );
+        // This node's private aggregate shares now count for the new
+        // incarnation: written again, they travel up and replace the old.
+        let mut seq = seq;
+        let mut pending = AggPending::default();
+        let page = self.scan(COUNTERS_CATEGORY, "", None, usize::MAX, true)?;
+        for (key, item) in page.items {
+            if let Item::Counters(mut c) = item
+                && c.shares.contains_key(&self.node)
+            {
+                let values = c.value_of(&self.node);
+                c.set(&self.node, values, hlc, inc);
+                pending.counters.insert(key, c);
+            }
+        }
+        self.flush_aggregates(&mut b, pending, &mut seq, hlc)?;
         b.put_cf(self.cf(CF_META)?, META_SEQ, encode(CF_META, &seq)?);
         b.put_cf(self.cf(CF_META)?, META_HLC, encode(CF_META, &clock.last())?);
         self.db.write_opt(b, &sync_opts())?;
@@ -879,7 +923,11 @@ impl Store {
         let mut seq = state.last_seq + 1;
         let mut batch = WriteBatch::default();
         let mut aggs = AggPending::default();
-        self.account(&mut aggs, &category, old.as_ref(), Some(&item))?;
+        self.account(&mut aggs, &category, old.as_ref(), Some(&item), stamp.hlc)
+            .map_err(|e| match e {
+                StoreError::Overflow(o) => WriteError::Overflow(o),
+                other => WriteError::Store(other),
+            })?;
         let counts = match live_delta(old.as_ref(), &item) {
             0 => Vec::new(),
             d => self.stage_counts(state, &mut batch, BTreeMap::from([(category.clone(), d)]))?,
@@ -1297,7 +1345,7 @@ impl Store {
             }
             if out.changed {
                 stats.changed += 1;
-                self.account(&mut aggs, &k.0, old.as_ref(), Some(&merged))?;
+                self.account(&mut aggs, &k.0, old.as_ref(), Some(&merged), entry_hlc)?;
                 match live_delta(old.as_ref(), &merged) {
                     0 => {}
                     d => *live.entry(k.0.clone()).or_default() += d,
@@ -1440,6 +1488,7 @@ impl Store {
         category: &str,
         old: Option<&Item>,
         new: Option<&Item>,
+        version: Hlc,
     ) -> Result<(), StoreError> {
         for (i, agg) in self
             .aggs
@@ -1467,7 +1516,8 @@ impl Store {
                         pending.counters.insert(key.clone(), cur);
                     }
                     if let Some(c) = pending.counters.get_mut(&key) {
-                        c.add(&self.node, &delta);
+                        c.add(&self.node, &delta, version, self.incarnation())
+                            .map_err(StoreError::Overflow)?;
                     }
                 } else {
                     let key = agg_row_key(agg, &group)?;
@@ -1477,7 +1527,16 @@ impl Store {
                             .agg_row(&key)?
                             .unwrap_or_else(|| vec![0; agg.measures.len()]),
                     };
-                    let row: Vec<i128> = row.iter().zip(&delta).map(|(a, d)| a + d).collect();
+                    let row = row
+                        .iter()
+                        .zip(&delta)
+                        .map(|(a, d)| a.checked_add(*d))
+                        .collect::<Option<Vec<i128>>>()
+                        .ok_or_else(|| {
+                            StoreError::Overflow(tiersync_protocol::aggregate::Overflow {
+                                aggregate: agg.name.clone(),
+                            })
+                        })?;
                     pending.rows.insert(key, (i, row));
                 }
             }
@@ -1546,13 +1605,21 @@ impl Store {
     pub fn aggregate_rows(&self, agg: &Compiled) -> Result<Vec<(GroupKey, Vec<i128>)>, StoreError> {
         let mut out = Vec::new();
         if self.source_is_private(agg) {
+            // Each city counts with its current incarnation only: the one
+            // its watermark here names (this node's own, for itself).
+            let mut current: BTreeMap<NodeId, u64> = self
+                .watermarks()?
+                .into_iter()
+                .map(|w| (w.origin, w.incarnation))
+                .collect();
+            current.insert(self.node.clone(), self.incarnation());
             let prefix = agg.counters_prefix();
             let mut after: Option<String> = None;
             loop {
                 let page = self.scan(COUNTERS_CATEGORY, &prefix, after.as_deref(), 1024, true)?;
                 for (_, item) in &page.items {
                     if let Item::Counters(c) = item {
-                        out.push((c.group.clone(), c.values()));
+                        out.push((c.group.clone(), c.values_where(|a| current.get(a).copied())));
                     }
                 }
                 match page.next {
@@ -1630,7 +1697,9 @@ impl Store {
                 }
                 if let Some((group, values)) = agg.contribution(&item) {
                     let t = totals.entry(group).or_insert_with(|| vec![0; values.len()]);
-                    t.iter_mut().zip(&values).for_each(|(a, b)| *a += b);
+                    t.iter_mut()
+                        .zip(&values)
+                        .for_each(|(a, b)| *a = a.saturating_add(*b));
                 }
                 n += 1;
                 if n.is_multiple_of(1_000_000) {
@@ -1657,21 +1726,20 @@ impl Store {
                         existing.push((key, c));
                     }
                 }
+                let version = state.clock.tick(crate::now_ms()).hlc;
                 for (key, c) in existing {
                     let target = totals
                         .remove(&c.group)
                         .unwrap_or_else(|| vec![0; agg.measures.len()]);
-                    let mine = c.value_of(&self.node);
-                    let delta: Vec<i128> = target.iter().zip(&mine).map(|(t, m)| t - m).collect();
-                    if delta.iter().any(|d| *d != 0) {
+                    if c.value_of(&self.node) != target {
                         let mut c = c;
-                        c.add(&self.node, &delta);
+                        c.set(&self.node, target, version, self.incarnation());
                         pending.counters.insert(key, c);
                     }
                 }
                 for (group, target) in totals {
                     let mut c = Counters::new(&agg.name, group.clone(), agg.measures.len());
-                    c.add(&self.node, &target);
+                    c.set(&self.node, target, version, self.incarnation());
                     pending.counters.insert(agg.counters_key(&group), c);
                 }
             } else {
@@ -1683,6 +1751,7 @@ impl Store {
             let hlc = state.clock.last();
             self.flush_aggregates(&mut batch, pending, &mut seq, hlc)?;
             batch.put_cf(self.cf(CF_META)?, META_SEQ, encode(CF_META, &seq)?);
+            batch.put_cf(self.cf(CF_META)?, META_HLC, encode(CF_META, &hlc)?);
             batch.put_cf(
                 self.cf(CF_META)?,
                 meta_key.as_bytes(),
