@@ -381,11 +381,47 @@ fn far_future_stamp_is_refused() {
     );
 }
 
+/// Writes under another city's name are dropped, not stored (the link
+/// stays up: a city that moved away leaves such writes at its old parent,
+/// and they must not stop it).
 #[test]
-fn forged_origin_is_refused() {
-    assert_batch_refused(
-        record("customer", "c-forged", "ningbo", tiersync::now_ms()),
-        "not the sender or a node of its subtree",
+fn forged_origin_stores_nothing() {
+    let c = cluster();
+    runtime().block_on(async {
+        let mut h = hostile(&c, "hangzhou").await;
+        h.hello("hangzhou").await;
+        h.send(&Frame::Batch {
+            after: 0,
+            last_seq: 1,
+            upto_hlc: Hlc::ZERO,
+            items: vec![
+                record("customer", "c-forged", "ningbo", tiersync::now_ms()),
+                record("customer", "c-honest", "hangzhou", tiersync::now_ms()),
+            ],
+            watermarks: vec![],
+        })
+        .await;
+        assert!(
+            matches!(h.recv().await, Some(Frame::Ack { last_seq: 1 })),
+            "the rest of the batch is merged"
+        );
+        h.conn.close(0u32.into(), b"done");
+    });
+    assert_eq!(
+        c.get("zhejiang", "/v1/records/customer/c-forged").status,
+        404,
+        "nothing forged is stored"
+    );
+    assert_eq!(
+        c.get("zhejiang", "/v1/records/customer/c-honest").status,
+        200
+    );
+    let metrics = c.get_text("zhejiang", "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tiersync_link_foreign_dropped_total") && !l.ends_with(" 0")),
+        "the dropped writes are counted"
     );
 }
 

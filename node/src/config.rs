@@ -111,12 +111,32 @@ pub struct TlsSection {
 }
 
 /// `[storage]`: durability and storage knobs.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageSection {
     /// `fsync` (default) or `buffered`.
     #[serde(default)]
     pub durability: Durability,
+    /// How long changelog entries are kept after the parent acknowledged
+    /// them (at national, which has no parent: after they were written),
+    /// e.g. `"10m"` (the default) or `"2h"`. A parent restored from a
+    /// backup younger than this resumes from its cursor instead of asking
+    /// for a snapshot of this node's whole data.
+    #[serde(default = "default_retention", with = "humantime_serde")]
+    pub changelog_retention: std::time::Duration,
+}
+
+fn default_retention() -> std::time::Duration {
+    std::time::Duration::from_secs(600)
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            durability: Durability::default(),
+            changelog_retention: default_retention(),
+        }
+    }
 }
 
 /// `[api]`: HTTP API limits.

@@ -253,14 +253,18 @@ pub async fn start(
             endpoint: endpoint.clone(),
             subtree,
             status: status.clone(),
+            retention: cfg.storage.changelog_retention,
         };
         tasks.push(tokio::spawn(uplink::run(ctx, shutdown_rx.clone())));
     }
 
-    // Gauges read from the store, so they agree with `/v1/status`.
+    // Gauges read from the store, so they agree with `/v1/status`; and the
+    // changelog's retention: acknowledged entries (all of them at a node
+    // without a parent) go once they are older than the window.
     let gauge_store = store.clone();
     let gauge_links = status.clone();
     let parent_id = parent_id(cfg);
+    let retention = cfg.storage.changelog_retention;
     let mut gauge_stop = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -273,6 +277,10 @@ pub async fn start(
             let links = gauge_links.clone();
             let parent_id = parent_id.clone();
             let _ = tokio::task::spawn_blocking(move || {
+                let cutoff = crate::now_ms().saturating_sub(retention.as_millis() as u64);
+                if let Err(e) = store.trim_expired(parent_id.is_none(), cutoff) {
+                    tracing::warn!(error = %e, "trimming the changelog failed");
+                }
                 store_gauges(&store, &links, parent_id.as_deref());
             })
             .await;
@@ -338,7 +346,9 @@ fn parent_id(cfg: &crate::config::NodeConfig) -> Option<String> {
 /// the store alone (before the uplink has reported): the changelog is
 /// trimmed only below what the parent acknowledged.
 fn unacknowledged(store: &Store) -> (f64, f64) {
-    let acked = store.retained_from().unwrap_or(1).saturating_sub(1);
+    let acked = store
+        .acked_seq()
+        .max(store.retained_from().unwrap_or(1).saturating_sub(1));
     let lag = store.last_seq().unwrap_or(0).saturating_sub(acked);
     let seconds = match store.hlc_of(acked + 1) {
         Ok(Some(h)) if lag > 0 => crate::now_ms().saturating_sub(h.physical_ms) as f64 / 1000.0,

@@ -247,6 +247,12 @@ impl Cluster {
         })
     }
 
+    /// GET a path as text (e.g. `/metrics`).
+    pub fn get_text(&self, id: &str, path: &str) -> String {
+        let mut r = self.agent.get(&self.url(id, path)).call().expect("GET");
+        r.body_mut().read_to_string().expect("a text body")
+    }
+
     /// GET a path.
     pub fn get(&self, id: &str, path: &str) -> Reply {
         Self::reply(self.agent.get(&self.url(id, path)).call())

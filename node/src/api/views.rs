@@ -194,6 +194,10 @@ pub struct StatusView {
     pub policy_digest: String,
     /// The last changelog sequence number.
     pub last_seq: u64,
+    /// The data directory's incarnation (16 hex digits): a new one is taken
+    /// when the node finds its data behind what its parent holds (a
+    /// restore, a power cut of a `buffered` node).
+    pub incarnation: String,
     /// Every declared category with its item count.
     pub categories: BTreeMap<String, CategoryStatus>,
     /// The parent and children links (state, lag in records and seconds,
@@ -247,6 +251,7 @@ pub async fn status(State(st): State<ApiState>) -> Result<Json<StatusView>, ApiE
         version: env!("CARGO_PKG_VERSION").to_string(),
         policy_digest: policy.digest_hex(),
         last_seq,
+        incarnation: format!("{:016x}", st.store.incarnation()),
         categories,
         links: (st.status)(),
         pid: std::process::id(),

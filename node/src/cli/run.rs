@@ -34,10 +34,30 @@ pub(super) fn run(config_path: PathBuf, log: Option<&LogHandle>) -> Result<()> {
         );
         let stop = shutdown_signal();
         tokio::pin!(stop);
+        // After a failed WAL sync the store takes no more writes; the node
+        // exits so that its supervisor restarts it and RocksDB recovers
+        // from the WAL (fail-stop, as PostgreSQL does after "fsyncgate").
+        let store = node.store.clone();
+        let failed = async move {
+            loop {
+                if let Some(why) = store.stopped() {
+                    return why.to_string();
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        };
+        tokio::pin!(failed);
         let stopped = loop {
             tokio::select! {
                 r = &mut stop => break r,
                 _ = hangup.recv() => reload(&node, &config_path, log),
+                why = &mut failed => {
+                    tracing::error!(error = %why, "a WAL sync failed: stopping; restart the node to recover from its WAL");
+                    if let Err(e) = node.shutdown().await {
+                        tracing::warn!(error = %e, "shutdown after the failed sync");
+                    }
+                    anyhow::bail!("a WAL sync failed ({why}); the node stopped without acknowledging anything after it");
+                }
             }
         };
         tracing::info!("shutting down");

@@ -291,18 +291,29 @@ async fn drive(
                     incarnation = inc;
                     let store = ctx.store.clone();
                     let c = child.clone();
-                    let cursor = blocking(move || store.cursor(&c, inc)).await?;
+                    let (cursor, cursor_hlc) = blocking(move || store.cursor(&c, inc)).await?;
                     info!(resume_from = cursor, "child accepted");
                     ctx.status.child(&id, |s| {
                         s.cursor = cursor;
                         s.last_error = None;
                     });
-                    session.cursor_loaded(cursor);
+                    session.cursor_loaded(cursor, cursor_hlc, crate::now_ms());
+                }
+                DownlinkEvent::Dropped { writes, origins } => {
+                    let origins: Vec<String> = origins.iter().map(ToString::to_string).collect();
+                    warn!(
+                        writes,
+                        origins = origins.join(","),
+                        "dropped writes of nodes outside this child's subtree (a city that moved away, or a forgery); they reach this node through the city's current parent"
+                    );
+                    metrics::counter!("tiersync_link_foreign_dropped_total", "peer" => id.clone())
+                        .increment(writes as u64);
                 }
                 DownlinkEvent::Merge {
                     items,
                     cursor,
                     watermarks,
+                    relay_all,
                 } => {
                     let n = items.len() as u64;
                     let mut marks: Vec<(String, u64, u64)> = watermarks
@@ -314,6 +325,8 @@ async fn drive(
                     }
                     let store = ctx.store.clone();
                     let merge = RemoteMerge {
+                        now_ms: crate::now_ms(),
+                        relay_all,
                         child: peer.clone(),
                         incarnation,
                         items,
