@@ -1,5 +1,7 @@
 //! The `tiersync` command line.
 
+mod conflicts;
+
 use std::collections::BTreeSet;
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -164,6 +166,10 @@ pub enum ClientCommand {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// The conflict ledger: log keys two nodes wrote with different content
+    /// (the version lost and the version kept), and record fields one
+    /// origin's newer value took over from another's.
+    Conflicts(conflicts::ConflictsArgs),
     /// The node's status: tier, version, policy, links, counts, watermarks.
     Status {
         #[command(flatten)]
@@ -651,6 +657,7 @@ fn client_command(command: ClientCommand) -> Result<()> {
                 format!("{}\n{t}\n{} row(s)\n", result.aggregate, result.rows.len())
             })
         }
+        ClientCommand::Conflicts(args) => conflicts::run(args),
         ClientCommand::Status { opts } => {
             let status = opts.client()?.status()?;
             emit(&opts, &status, || status_text(&status))
