@@ -42,8 +42,11 @@ fn ship(child: &Store, child_id: &str, parent: &Store, after: u64) -> u64 {
     batch.last_seq
 }
 
-/// The ledger as (loser origin, loser amount) and the raw items.
-fn ledger(s: &Store) -> (Vec<(String, i64)>, Vec<(String, Item)>) {
+/// (loser origin, loser amount) of each ledger entry.
+type Losers = Vec<(String, i64)>;
+
+/// The ledger as its losers and its raw items.
+fn ledger(s: &Store) -> (Losers, Vec<(String, Item)>) {
     let page = s.conflicts(None, None, None, 100).unwrap();
     assert_eq!(page.next, None);
     let losers = page
