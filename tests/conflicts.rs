@@ -76,20 +76,11 @@ fn check_entry(c: &Cluster, node: &str, e: &Json, key: &str, writers: [(&str, i6
 fn conflicts_are_kept_at_every_tier_and_replicate_up() {
     let mut c = Cluster::new(&Spec::default());
     c.start_all();
-    let national = c
-        .deployment
-        .nodes
-        .iter()
-        .find(|n| n.tier == Tier::National)
-        .map(|n| n.id.to_string())
-        .unwrap();
-    let province = c
-        .deployment
-        .nodes
-        .iter()
-        .find(|n| n.tier == Tier::Province)
-        .map(|n| n.id.to_string())
-        .unwrap();
+    let first_of = |tier| {
+        let n = c.deployment.nodes.iter().find(|n| n.tier == tier);
+        n.map(|n| n.id.to_string()).unwrap()
+    };
+    let (national, province) = (first_of(Tier::National), first_of(Tier::Province));
     let below = c.cities_below(&province);
     let (a, b) = (below[0].clone(), below[1].clone());
     let far = c.cities().into_iter().find(|x| !below.contains(x)).unwrap();

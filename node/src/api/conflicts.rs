@@ -8,7 +8,7 @@ use tiersync_protocol::{Item, LogEntry, NodeId};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
-use super::records::{DEFAULT_LIMIT, MAX_LIMIT};
+use super::records::page_limit;
 use super::{ApiQuery, ApiState, blocking};
 use crate::json::{StampView, fields_to_json};
 use crate::store::{OverwriteExample, OverwriteSummary};
@@ -156,13 +156,7 @@ pub async fn list(
         NodeId::new(o)
             .map_err(|e| ApiError::bad_request("invalid_query", format!("origin {o:?}: {e}")))?;
     }
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("limit must be between 1 and {MAX_LIMIT}, not {limit}"),
-        ));
-    }
+    let limit = page_limit(q.limit)?;
     let store = st.store.clone();
     blocking(move || {
         let page = store.conflicts(

@@ -71,13 +71,20 @@ fn dirs(n: usize) -> Vec<tempfile::TempDir> {
     (0..n).map(|_| tempfile::tempdir().unwrap()).collect()
 }
 
-#[test]
-fn a_conflict_at_a_parent_keeps_the_loser_durably_and_once() {
-    let d = dirs(3);
+/// `n` directories; city-a (in the first) bills b-1 for 10, then city-b (in
+/// the second) for 20, so city-b's version wins.
+fn two_cities_billing_b1(n: usize) -> (Vec<tempfile::TempDir>, Store, Store) {
+    let d = dirs(n);
     let a = open_as(d[0].path(), "city-a");
     let b = open_as(d[1].path(), "city-b");
     bill(&a, "b-1", 10, 1000);
     bill(&b, "b-1", 20, 2000);
+    (d, a, b)
+}
+
+#[test]
+fn a_conflict_at_a_parent_keeps_the_loser_durably_and_once() {
+    let (d, a, b) = two_cities_billing_b1(3);
     let p = open_as(d[2].path(), "prov");
     ship(&a, "city-a", &p, 0);
     assert_eq!(ledger(&p).0, vec![]);
@@ -147,11 +154,7 @@ fn three_versions_keep_every_loser_in_any_order() {
 
 #[test]
 fn one_conflict_seen_at_two_tiers_is_one_entry() {
-    let d = dirs(4);
-    let a = open_as(d[0].path(), "city-a");
-    let b = open_as(d[1].path(), "city-b");
-    bill(&a, "b-1", 10, 1000);
-    bill(&b, "b-1", 20, 2000);
+    let (d, a, b) = two_cities_billing_b1(4);
     let p = open_as(d[2].path(), "prov");
     let n = open_as(d[3].path(), "nat");
     // National gets A's version before the province sees B's ...
