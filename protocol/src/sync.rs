@@ -1030,6 +1030,10 @@ pub fn validate_item(
     if w.category == crate::aggregate::COUNTERS_CATEGORY {
         return validate_counters(policy, now_ms, origin_allowed, w);
     }
+    if w.category == crate::conflict::CONFLICTS_CATEGORY {
+        crate::conflict::validate(policy, &w.key, &w.item).map_err(|e| format!("{}: {e}", at()))?;
+        return check_stamps(policy, now_ms, origin_allowed, w);
+    }
     let cat = policy
         .category(&w.category)
         .map_err(|e| format!("{}: {e}", at()))?;
@@ -1059,6 +1063,18 @@ pub fn validate_item(
     {
         return Err(format!("{}: record state is not canonical", at()));
     }
+    check_stamps(policy, now_ms, origin_allowed, w)
+}
+
+/// Every stamp's origin is allowed and not beyond `now_ms` plus the maximum
+/// clock skew.
+fn check_stamps(
+    policy: &Policy,
+    now_ms: u64,
+    origin_allowed: impl Fn(&NodeId) -> bool,
+    w: &WireItem,
+) -> Result<(), String> {
+    let at = || format!("{}/{}", w.category, w.key);
     let limit = now_ms.saturating_add(policy.limits.max_clock_skew_ms);
     for s in w.item.stamps() {
         if !origin_allowed(&s.origin) {

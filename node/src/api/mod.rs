@@ -13,6 +13,7 @@
 //! | `GET` | `/v1/records/{category}?prefix=&after=&limit=` | prefix scan, paginated |
 //! | `POST` | `/v1/records/{category}` | NDJSON bulk write |
 //! | `GET` | `/v1/customers/{id}` | unified customer view |
+//! | `GET` | `/v1/conflicts?category=&origin=&after=&limit=` | conflict ledger, overwrite counts |
 //! | `GET` | `/v1/status` | node, policy, counts, links |
 //! | `GET` | `/v1/openapi.json` | this API as OpenAPI 3 |
 //! | `GET` | `/metrics` | Prometheus text |
@@ -37,6 +38,7 @@
 //! a city does. Nothing is refused by tier; the policy is the only gate.
 
 mod aggregates;
+mod conflicts;
 pub mod error;
 pub mod openapi;
 mod records;
@@ -62,6 +64,7 @@ use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
 pub use aggregates::{AggregateInfo, AggregateResult, AggregateRow, to_csv as aggregate_csv};
+pub use conflicts::{ConflictPage, ConflictView, OverwriteView, VersionView};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use records::{BulkReport, LineError, ScanPage, WriteResult};
 pub use views::{CategoryStatus, CustomerView, RelatedItems, StatusView};
@@ -170,6 +173,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/customers/{id}", get(views::customer))
         .route("/v1/aggregates", get(aggregates::list))
         .route("/v1/aggregates/{name}", get(aggregates::query))
+        .route("/v1/conflicts", get(conflicts::list))
         .route("/v1/status", get(views::status))
         .route("/v1/openapi.json", get(views::openapi))
         .route("/metrics", get(views::metrics))
@@ -213,6 +217,7 @@ pub async fn serve(
         views::customer,
         aggregates::list,
         aggregates::query,
+        conflicts::list,
         views::status,
         views::openapi,
         views::metrics,

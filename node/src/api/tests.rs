@@ -872,6 +872,7 @@ async fn status_metrics_and_openapi() {
         ("/v1/customers/{id}", "GET"),
         ("/v1/aggregates", "GET"),
         ("/v1/aggregates/{name}", "GET"),
+        ("/v1/conflicts", "GET"),
         ("/v1/status", "GET"),
         ("/v1/openapi.json", "GET"),
         ("/metrics", "GET"),

@@ -101,6 +101,10 @@ pub enum ClientCommand {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// The conflict ledger: log keys two nodes wrote with different content
+    /// (the version lost and the version kept), and record fields one
+    /// origin's newer value took over from another's.
+    Conflicts(super::conflicts::ConflictsArgs),
     /// The node's status: tier, version, policy, links, counts, watermarks.
     Status {
         #[command(flatten)]
@@ -285,6 +289,7 @@ pub(super) fn client_command(command: ClientCommand) -> Result<()> {
                 format!("{}\n{t}\n{} row(s)\n", result.aggregate, result.rows.len())
             })
         }
+        ClientCommand::Conflicts(args) => super::conflicts::run(args),
         ClientCommand::Status { opts } => {
             let status = opts.client()?.status()?;
             emit(&opts, &status, || status_text(&status))
@@ -308,7 +313,7 @@ pub(super) fn client_command(command: ClientCommand) -> Result<()> {
 }
 
 /// Prints the API's JSON with `--json`, else the human view.
-fn emit(opts: &ClientOpts, body: &Json, human: impl FnOnce() -> String) -> Result<()> {
+pub(super) fn emit(opts: &ClientOpts, body: &Json, human: impl FnOnce() -> String) -> Result<()> {
     if opts.json {
         print_out(&format!("{}\n", serde_json::to_string_pretty(body)?))
     } else {

@@ -6,6 +6,7 @@
 //! other, never this one, so there is no import circle.
 
 mod client_cmd;
+mod conflicts;
 mod deploy;
 mod import;
 mod output;

@@ -7,6 +7,8 @@
 //! [`Durability::Fsync`] the group shares one WAL fsync before any of them is
 //! acknowledged (group commit).
 
+mod conflicts;
+pub use conflicts::{ConflictPage, OverwriteExample, OverwriteSummary};
 pub mod keys;
 
 use std::collections::BTreeMap;
@@ -1325,7 +1327,12 @@ impl Store {
             clock.observe(s.hlc);
         }
         let entry_hlc = clock.tick(m.now_ms).hlc;
-        for w in m.items {
+        // Received items, then the ledger entries of the conflicts they
+        // bring (merged like received items, so a re-delivered conflict or
+        // one already relayed from below changes nothing).
+        let mut queue: std::collections::VecDeque<WireItem> = m.items.into();
+        let mut overwrites = conflicts::Overwrites::default();
+        while let Some(w) = queue.pop_front() {
             let k = (w.category, w.key);
             let current = match pending.remove(&k) {
                 Some(item) => Some(item),
@@ -1334,7 +1341,9 @@ impl Store {
             let old = current.clone();
             let (merged, out) = match current {
                 Some(mut mine) => {
-                    let out = mine.merge(&w.item);
+                    let (out, ledger) =
+                        self.merge_noting(&k.0, &k.1, &mut mine, &w.item, &mut overwrites);
+                    queue.extend(ledger);
                     (mine, out)
                 }
                 None => (
@@ -1450,6 +1459,7 @@ impl Store {
             }
         }
         self.flush_aggregates(&mut batch, aggs, &mut seq, entry_hlc)?;
+        self.stage_overwrites(&mut batch, &overwrites)?;
         let counts = self.stage_counts(&state, &mut batch, live)?;
         batch.put_cf(self.cf(CF_META)?, META_SEQ, encode(CF_META, &seq)?);
         batch.put_cf(self.cf(CF_META)?, META_HLC, encode(CF_META, &clock.last())?);
@@ -1470,6 +1480,7 @@ impl Store {
         if changed_log {
             self.committed.send_replace((seq, state.clock.last()));
         }
+        overwrites.publish();
         Ok(stats)
     }
 
