@@ -144,6 +144,26 @@ pub fn describe() {
         "tiersync_config_last_reload_success_timestamp_seconds",
         "When the configuration was last loaded successfully (Unix seconds): the start or the last applied reload"
     );
+    describe_gauge!(
+        "tiersync_clock_offset_seconds",
+        "This node's clock minus its parent's, at the last handshake (seconds)"
+    );
+    describe_counter!(
+        "tiersync_reincarnations_total",
+        "New incarnations taken because this node's data was behind its parent (restore, buffered power cut) or it started under another parent"
+    );
+    describe_counter!(
+        "tiersync_link_foreign_dropped_total",
+        "Writes of origins outside a child's subtree dropped from what it sent (a city that moved away, or a forgery)"
+    );
+    describe_counter!(
+        "tiersync_store_sync_failures_total",
+        "Failed WAL syncs; after one the store takes no more writes and the node stops"
+    );
+    describe_counter!(
+        "tiersync_lww_overwrites_total",
+        "Record fields whose value from one origin was replaced by another origin's newer value"
+    );
     metrics_process::Collector::default().describe();
 }
 
@@ -171,6 +191,12 @@ pub fn register(config: &NodeConfig, policy: &Policy) {
     }
     metrics::counter!("tiersync_merges_total").absolute(0);
     metrics::counter!("tiersync_merge_conflicts_total").absolute(0);
+    metrics::counter!("tiersync_reincarnations_total").absolute(0);
+    metrics::counter!("tiersync_store_sync_failures_total").absolute(0);
+    for child in &config.children {
+        metrics::counter!("tiersync_link_foreign_dropped_total", "link" => "child", "peer" => child.to_string())
+            .absolute(0);
+    }
     let mut links: Vec<(&'static str, String)> = config
         .children
         .iter()
@@ -180,6 +206,7 @@ pub fn register(config: &NodeConfig, policy: &Policy) {
         links.push(("parent", p.id.to_string()));
         metrics::gauge!("tiersync_uplink_lag_records", "peer" => p.id.to_string()).set(0.0);
         metrics::gauge!("tiersync_uplink_lag_seconds", "peer" => p.id.to_string()).set(0.0);
+        metrics::gauge!("tiersync_clock_offset_seconds", "peer" => p.id.to_string()).set(0.0);
     }
     for (link, peer) in links {
         metrics::gauge!("tiersync_link_up", "link" => link, "peer" => peer.clone()).set(0.0);

@@ -306,7 +306,7 @@ async fn drive(
                         origins = origins.join(","),
                         "dropped writes of nodes outside this child's subtree (a city that moved away, or a forgery); they reach this node through the city's current parent"
                     );
-                    metrics::counter!("tiersync_link_foreign_dropped_total", "peer" => id.clone())
+                    metrics::counter!("tiersync_link_foreign_dropped_total", "link" => "child", "peer" => id.clone())
                         .increment(writes as u64);
                 }
                 DownlinkEvent::Merge {
