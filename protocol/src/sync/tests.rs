@@ -679,10 +679,24 @@ impl Sim {
         self.pump_child(i);
     }
 
+    /// A node that goes back in time (a restore, a power cut and reboot)
+    /// takes far longer than a write: a merge of its link still under way
+    /// at its parent has landed or died by the time it is back.
+    fn settle_merges_of(&mut self, i: usize) {
+        for (l, m) in std::mem::take(&mut self.late) {
+            if self.links[l].child != i {
+                self.late.push((l, m));
+            } else if self.rng.chance(50) {
+                self.land_late(l, m);
+            }
+        }
+    }
+
     /// Power is cut at node `i`: what was not synced is gone.
     fn power_cut(&mut self, i: usize) {
         self.faults.power_cuts += 1;
         self.restart(i);
+        self.settle_merges_of(i);
         let n = &mut self.nodes[i];
         n.unsynced.clear();
         if let Some(d) = n.synced.clone() {
@@ -742,10 +756,7 @@ impl Sim {
         };
         self.faults.restores += 1;
         self.restart(i);
-        // A restore takes far longer than a write: a merge of this node's
-        // link still under way at its parent has landed or died by then.
-        let links = &self.links;
-        self.late.retain(|(l, _)| links[*l].child != i);
+        self.settle_merges_of(i);
         let n = &mut self.nodes[i];
         n.unsynced.clear();
         n.load(*disk);
