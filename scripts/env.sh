@@ -43,9 +43,15 @@ tiersync_ensure_build_deps() {
 }
 
 # What the tests need beyond the build: the clock-skew tests run nodes
-# under faketime.
+# under faketime; the power-loss tests mount powerfs (FUSE) through
+# fusermount3.
 tiersync_ensure_test_deps() {
-    command -v faketime >/dev/null 2>&1 || _tiersync_install faketime
+    local missing=()
+    command -v faketime >/dev/null 2>&1 || missing+=(faketime)
+    command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
+    if [ ${#missing[@]} -gt 0 ]; then
+        _tiersync_install "${missing[@]}" || return 1
+    fi
 }
 
 # One target directory outside the clone, so a fresh clone on the same
