@@ -8,6 +8,7 @@
 #   KILLS (1000)             SIGKILLs of real nodes        tests/kill.rs
 #   FAILPOINT_ROUNDS (250)   rounds of the 4 fail points   tests/kill.rs
 #   CRASH_CYCLES (1000)      SIGKILLs of the crash writer  tests/crash.rs
+#   POWER_CUTS (200)         power cuts per power-loss test tests/powerloss.rs
 #   FLOOD (5000)             hostile connection attempts   tests/refusals.rs
 #   RESTART_LOOPS (200)      failing starts (0 crashes)    tests/ops.rs
 #   SIM_SEEDS (1000)         deterministic simulation seeds (protocol topology)
@@ -52,6 +53,7 @@ TIERSYNC_PARTITION_CYCLES="${PARTITION_CYCLES:-100}" \
 TIERSYNC_KILLS="${KILLS:-1000}" TIERSYNC_FAILPOINT_ROUNDS="${FAILPOINT_ROUNDS:-250}" \
     run kill test_bin kill
 TIERSYNC_CRASH_CYCLES="${CRASH_CYCLES:-1000}" run crash test_bin crash
+TIERSYNC_POWER_CUTS="${POWER_CUTS:-200}" run powerloss test_bin powerloss
 run diskfull test_bin diskfull
 TIERSYNC_FLOOD="${FLOOD:-5000}" run refusals test_bin refusals
 run skew test_bin skew
@@ -64,7 +66,7 @@ fi
 
 echo "soak: summaries" >&2
 # With --nocapture a summary may follow "test NAME ... " on its line.
-grep -hE '(^|\.\.\. )(partition|diskfull|kill|failpoints|crash test|refusals|skew|restart loop|simulation|sim|fuzz)[ :]' "$logs"/*.log |
+grep -hE '(^|\.\.\. )(partition|diskfull|kill|failpoints|crash test|powerfs|powerloss [a-z]+|refusals|skew|restart loop|simulation|sim|fuzz)[ :]' "$logs"/*.log |
     sed -E 's/^test .* \.\.\. //' || true
 if [ ${#failed[@]} -gt 0 ]; then
     echo "soak: FAILED: ${failed[*]}" >&2

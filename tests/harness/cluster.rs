@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value as Json;
 use tiersync::deploygen::{self, Generated, Spec};
 
+use crate::powerfs::{CutReport, PowerFs};
 use crate::{wait_for, workspace_bin};
 
 /// A generated deployment and its running processes.
@@ -18,6 +19,8 @@ pub struct Cluster {
     /// What was generated.
     pub deployment: Generated,
     procs: BTreeMap<String, Child>,
+    /// Power-loss file systems holding nodes' data directories.
+    powerfs: BTreeMap<String, PowerFs>,
     agent: ureq::Agent,
     /// `RUST_LOG` of the nodes started from now on.
     pub log_filter: String,
@@ -47,6 +50,7 @@ impl Cluster {
             dir,
             deployment,
             procs: BTreeMap::new(),
+            powerfs: BTreeMap::new(),
             agent,
             log_filter: "info,tiersync=debug".to_string(),
         }
@@ -425,6 +429,39 @@ impl Cluster {
         }
     }
 
+    /// Moves node `id`'s data directory onto a power-loss file system
+    /// (`harness/powerfs.rs`) of its own, mounted now, whose backing
+    /// directory is `DIR/<id>-disk`. Takes effect at the node's next start.
+    /// Check [`crate::powerfs::unavailable`] first.
+    pub fn put_on_powerfs(&mut self, id: &str) {
+        let dir = self.dir.path();
+        let fs = PowerFs::mount(
+            &dir.join(format!("{id}-disk")),
+            &dir.join(format!("{id}-powerfs")),
+            &dir.join("logs").join(format!("{id}-powerfs.log")),
+        );
+        let mount = fs.path().to_path_buf();
+        self.powerfs.insert(id.to_string(), fs);
+        self.set_data_dir(id, &mount);
+    }
+
+    /// Cuts node `id`'s power: the node dies (SIGKILL) and its power-loss
+    /// file system drops everything not fsynced, then mounts again. The
+    /// node stays down.
+    pub fn power_cut(&mut self, id: &str) -> CutReport {
+        self.kill(id);
+        self.powerfs
+            .get_mut(id)
+            .unwrap_or_else(|| panic!("{id} is not on powerfs"))
+            .cut_and_remount()
+    }
+
+    /// Sets node `id`'s `[storage] durability` (`"fsync"` or `"buffered"`).
+    /// Takes effect at the node's next start.
+    pub fn set_durability(&self, id: &str, durability: &str) {
+        self.set_config_value(id, "storage", "durability", &format!("{durability:?}"));
+    }
+
     /// Replaces `key = …` in `[section]` of node `id`'s config file with
     /// `key = value` (`value` in TOML syntax).
     fn set_config_value(&self, id: &str, section: &str, key: &str, value: &str) {
@@ -640,6 +677,11 @@ impl AckedWriter {
         self.acked.lock().expect("log").len()
     }
 
+    /// The last write acknowledged so far.
+    pub fn last_acked(&self) -> Option<(String, i64)> {
+        self.acked.lock().expect("log").last().cloned()
+    }
+
     /// Keys whose write failed so far, in order.
     pub fn failed_keys(&self) -> Vec<String> {
         self.failed.lock().expect("log").clone()
@@ -677,5 +719,8 @@ impl Drop for Cluster {
             let _ = tiersync::process::signal_group(c.id(), tiersync::process::SIGKILL);
             let _ = c.wait();
         }
+        // Unmounted once nothing has files open on them, and before the
+        // temp dir holding the mount points goes.
+        self.powerfs.clear();
     }
 }

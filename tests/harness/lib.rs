@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tiersync_protocol::Policy;
 
 pub mod cluster;
+pub mod powerfs;
 pub mod proxy;
 
 /// The repository root.
