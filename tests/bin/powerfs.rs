@@ -257,7 +257,7 @@ impl State {
     }
 
     /// Moves the entry at `path` to the trash; returns where it went.
-    fn to_trash(&mut self, path: &Path) -> Reply<PathBuf> {
+    fn move_to_trash(&mut self, path: &Path) -> Reply<PathBuf> {
         let trash = self.trash_path();
         std::fs::rename(path, &trash).map_err(io)?;
         self.repath(path, &trash);
@@ -287,17 +287,14 @@ impl State {
     /// The undo record of inode `ino`'s data, begun with `file`'s current
     /// size if the file has none.
     fn undo_of(&mut self, ino: u64, file: &File) -> std::io::Result<&mut DataUndo> {
-        if !self.data.contains_key(&ino) {
-            let undo = DataUndo {
+        match self.data.entry(ino) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(DataUndo {
                 file: file.try_clone()?,
                 durable_size: file.metadata()?.len(),
                 saved: BTreeMap::new(),
-            };
-            self.data.insert(ino, undo);
+            })),
         }
-        self.data
-            .get_mut(&ino)
-            .ok_or_else(|| std::io::Error::other("undo record vanished"))
     }
 
     /// A file of `ino` to work on: the handle's, or a new descriptor.
@@ -641,7 +638,7 @@ impl Filesystem for PowerFs {
             if std::fs::symlink_metadata(&path).map_err(io)?.is_dir() {
                 return Err(Errno::EISDIR);
             }
-            let trash = s.to_trash(&path)?;
+            let trash = s.move_to_trash(&path)?;
             s.pend(&[parent], NameOp::Removed { path, trash });
             Ok(())
         }) {
@@ -659,7 +656,7 @@ impl Filesystem for PowerFs {
             if std::fs::read_dir(&path).map_err(io)?.next().is_some() {
                 return Err(Errno::ENOTEMPTY);
             }
-            let trash = s.to_trash(&path)?;
+            let trash = s.move_to_trash(&path)?;
             s.pend(&[parent], NameOp::Removed { path, trash });
             Ok(())
         }) {
@@ -726,7 +723,7 @@ impl Filesystem for PowerFs {
                     if old.is_dir() && std::fs::read_dir(&to).map_err(io)?.next().is_some() {
                         return Err(Errno::ENOTEMPTY);
                     }
-                    Some(s.to_trash(&to)?)
+                    Some(s.move_to_trash(&to)?)
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(io(e)),
