@@ -331,22 +331,28 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
 }
 
+/// Connects as hangzhou, says hello and sends `items` as its first batch.
+async fn first_batch_as_hangzhou(c: &Cluster, items: Vec<WireItem>) -> Hostile {
+    let mut h = hostile(c, "hangzhou").await;
+    h.hello("hangzhou").await;
+    h.send(&Frame::Batch {
+        after: 0,
+        last_seq: 1,
+        upto_hlc: Hlc::ZERO,
+        items,
+        watermarks: vec![],
+    })
+    .await;
+    h
+}
+
 /// Sends one batch holding `item` and expects a Violation refusal, and that
 /// the parent stored nothing.
 fn assert_batch_refused(item: WireItem, why: &str) {
     let c = cluster();
     let (category, key) = (item.category.clone(), item.key.clone());
     runtime().block_on(async {
-        let mut h = hostile(&c, "hangzhou").await;
-        h.hello("hangzhou").await;
-        h.send(&Frame::Batch {
-            after: 0,
-            last_seq: 1,
-            upto_hlc: Hlc::ZERO,
-            items: vec![item],
-            watermarks: vec![],
-        })
-        .await;
+        let mut h = first_batch_as_hangzhou(&c, vec![item]).await;
         match h.recv().await {
             Some(Frame::Refuse {
                 reason: RefuseReason::Violation,
@@ -388,18 +394,13 @@ fn far_future_stamp_is_refused() {
 fn forged_origin_stores_nothing() {
     let c = cluster();
     runtime().block_on(async {
-        let mut h = hostile(&c, "hangzhou").await;
-        h.hello("hangzhou").await;
-        h.send(&Frame::Batch {
-            after: 0,
-            last_seq: 1,
-            upto_hlc: Hlc::ZERO,
-            items: vec![
+        let mut h = first_batch_as_hangzhou(
+            &c,
+            vec![
                 record("customer", "c-forged", "ningbo", tiersync::now_ms()),
                 record("customer", "c-honest", "hangzhou", tiersync::now_ms()),
             ],
-            watermarks: vec![],
-        })
+        )
         .await;
         assert!(
             matches!(h.recv().await, Some(Frame::Ack { last_seq: 1 })),

@@ -1008,12 +1008,17 @@ fn short_hex(d: &[u8; 32]) -> String {
     d[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn future_msg(hlc: Hlc, now_ms: u64, policy: &Policy) -> String {
-    format!(
-        "stamp {hlc} is {} ms ahead of this node's clock, beyond the policy's max_clock_skew_ms of {}",
-        hlc.physical_ms.saturating_sub(now_ms),
-        policy.limits.max_clock_skew_ms
-    )
+/// Why `hlc` is refused, if it is beyond `now_ms` plus the policy's
+/// maximum clock skew.
+fn too_far_ahead(hlc: Hlc, now_ms: u64, policy: &Policy) -> Option<String> {
+    let limit = now_ms.saturating_add(policy.limits.max_clock_skew_ms);
+    (hlc.physical_ms > limit).then(|| {
+        format!(
+            "stamp {hlc} is {} ms ahead of this node's clock, beyond the policy's max_clock_skew_ms of {}",
+            hlc.physical_ms.saturating_sub(now_ms),
+            policy.limits.max_clock_skew_ms
+        )
+    })
 }
 
 /// Checks one received item against the receiver's own policy: the category
@@ -1075,7 +1080,6 @@ fn check_stamps(
     w: &WireItem,
 ) -> Result<(), String> {
     let at = || format!("{}/{}", w.category, w.key);
-    let limit = now_ms.saturating_add(policy.limits.max_clock_skew_ms);
     for s in w.item.stamps() {
         if !origin_allowed(&s.origin) {
             return Err(format!(
@@ -1084,8 +1088,8 @@ fn check_stamps(
                 s.origin
             ));
         }
-        if s.hlc.physical_ms > limit {
-            return Err(format!("{}: {}", at(), future_msg(s.hlc, now_ms, policy)));
+        if let Some(why) = too_far_ahead(s.hlc, now_ms, policy) {
+            return Err(format!("{}: {why}", at()));
         }
     }
     Ok(())
@@ -1136,9 +1140,12 @@ fn validate_counters(
     policy.check_key(&w.key).map_err(|e| format!("{at}: {e}"))?;
     // A share versioned in the future would overrule its city's real
     // totals until then.
-    let limit = now_ms.saturating_add(policy.limits.max_clock_skew_ms);
-    if let Some(s) = c.shares.values().find(|s| s.version.physical_ms > limit) {
-        return Err(format!("{at}: {}", future_msg(s.version, now_ms, policy)));
+    if let Some(why) = c
+        .shares
+        .values()
+        .find_map(|s| too_far_ahead(s.version, now_ms, policy))
+    {
+        return Err(format!("{at}: {why}"));
     }
     if let Some(bad) = c.actors().into_iter().find(|a| !origin_allowed(a)) {
         return Err(format!(
