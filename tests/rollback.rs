@@ -14,6 +14,12 @@
 //!   (exits non-zero), a retried identical append is never acknowledged
 //!   as "unchanged", and after a restart without the fault every
 //!   acknowledged write is there.
+//! * `moved_city_blocks_nothing_and_counts_once`: a city that edited a
+//!   customer a sibling edits too moves to the other province; its old
+//!   province goes on relaying that record (national drops the moved city's
+//!   part of it, counted) and is never blocked; every later write of every
+//!   city reaches national, the record holds both cities' fields, and the
+//!   moved city's private opportunity counts once.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is the test failure report
 
@@ -178,4 +184,129 @@ fn failed_fsync_stops_the_node() {
         let r = c.get("national", &format!("/v1/records/billing/b{i}"));
         assert_eq!(r.status, 200, "b{i} at national");
     }
+}
+
+/// A city edits a customer that a sibling edits too, then moves to the other
+/// province. Its old province keeps relaying the shared record (with the
+/// moved city's fields in it) and must not be blocked for it; every later
+/// write of every city reaches national, and national counts the moved
+/// city's private aggregates once.
+#[test]
+fn moved_city_blocks_nothing_and_counts_once() {
+    let mut c = Cluster::new(&Spec::default());
+    c.start_all();
+    let (moved, sibling) = ("hangzhou", "ningbo");
+    let put = |c: &Cluster, node: &str, path: &str, body: serde_json::Value| {
+        let r = c.send("PUT", node, path, &body);
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    };
+    // Every city has written something (completeness is per city).
+    for city in c.cities() {
+        put(
+            &c,
+            &city,
+            &format!("/v1/records/customer/first-{city}"),
+            json!({"name": city}),
+        );
+    }
+    put(
+        &c,
+        moved,
+        "/v1/records/customer/shared-1",
+        json!({"name": "Li", "segment": "gold"}),
+    );
+    put(
+        &c,
+        moved,
+        "/v1/records/opportunity/opp-1",
+        json!({"customer_id": "shared-1", "stage": "won", "expected_value": 700, "expected_close": "2026-11-20"}),
+    );
+    assert!(c.wait_complete_at("national", CONVERGE).is_some());
+    let r = c.send(
+        "PATCH",
+        sibling,
+        "/v1/records/customer/shared-1",
+        &json!({"phone": "555"}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(c.wait_complete_at("national", CONVERGE).is_some());
+
+    // The move: stop the city, change both provinces and the city, restart.
+    c.stop(moved);
+    c.move_city(moved, "zhejiang", "jiangsu");
+    c.stop("zhejiang");
+    c.stop("jiangsu");
+    c.start("zhejiang");
+    c.start("jiangsu");
+    c.start(moved);
+
+    // Later writes of every city, including the sibling editing the shared
+    // record again: the old province relays it with the moved city's
+    // fields in it.
+    let r = c.send(
+        "PATCH",
+        sibling,
+        "/v1/records/customer/shared-1",
+        &json!({"phone": "556"}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    put(
+        &c,
+        moved,
+        "/v1/records/customer/after-move",
+        json!({"name": "Wang"}),
+    );
+    put(
+        &c,
+        sibling,
+        "/v1/records/customer/sibling-after",
+        json!({"name": "Zhao"}),
+    );
+    put(
+        &c,
+        "nanjing",
+        "/v1/records/customer/nanjing-after",
+        json!({"name": "Sun"}),
+    );
+    let arrived = wait_for(CONVERGE, || {
+        ["after-move", "sibling-after", "nanjing-after"]
+            .iter()
+            .all(|k| has_customer(&c, "national", k))
+            .then_some(())
+    });
+    assert!(
+        arrived.is_some(),
+        "later writes of every city reach national"
+    );
+    assert!(c.wait_complete_at("national", CONVERGE).is_some());
+    let shared = c.get("national", "/v1/records/customer/shared-1").body;
+    assert_eq!(shared["fields"]["segment"], "gold", "{shared}");
+    assert_eq!(shared["fields"]["phone"], "556", "{shared}");
+    let zhejiang = &c.get("national", "/v1/status").body["links"]["children"]["zhejiang"];
+    assert_eq!(zhejiang["connected"], true, "{zhejiang}");
+    assert!(zhejiang["last_error"].is_null(), "{zhejiang}");
+    let metrics = c.get_text("national", "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tiersync_link_foreign_dropped_total")
+                && l.contains("zhejiang")
+                && !l.ends_with(" 0")),
+        "national dropped the moved city's writes coming from its old province"
+    );
+    // The moved city's private opportunity counts once at national.
+    let rows = c
+        .get(
+            "national",
+            "/v1/aggregates/opportunities_by_city_stage_month?group_by=origin",
+        )
+        .body;
+    let mine: Vec<&serde_json::Value> = rows["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["group"]["origin"] == moved)
+        .collect();
+    assert_eq!(mine.len(), 1, "{rows}");
+    assert_eq!(mine[0]["values"]["count"], 1, "{rows}");
 }

@@ -404,6 +404,47 @@ impl Cluster {
             .unwrap_or_else(|| panic!("{id} has no [listen] peer (a city binds none)"))
     }
 
+    /// Moves city `city` from province `from` to province `to`, as an
+    /// operator would (README, Operations): both provinces' `children` and
+    /// the city's `[parent]`. Takes effect when the nodes (re)start.
+    pub fn move_city(&mut self, city: &str, from: &str, to: &str) {
+        for (province, add) in [(from, false), (to, true)] {
+            let path = self.config(province);
+            let text = std::fs::read_to_string(&path).expect("read node config");
+            let out: Vec<String> = text
+                .lines()
+                .map(|line| {
+                    if !line.starts_with("children = ") {
+                        return line.to_string();
+                    }
+                    let list = line.trim_start_matches("children = ");
+                    let mut names: Vec<String> =
+                        serde_json::from_str(list).expect("a children list");
+                    names.retain(|n| n != city);
+                    if add {
+                        names.push(city.to_string());
+                    }
+                    format!(
+                        "children = {}",
+                        serde_json::to_string(&names).expect("names")
+                    )
+                })
+                .collect();
+            std::fs::write(&path, out.join("\n") + "\n").expect("write node config");
+        }
+        self.set_config_value(city, "parent", "id", &format!("\"{to}\""));
+        let addr = self.peer_addr(to);
+        self.set_parent_addr(city, addr);
+        if let Some(n) = self
+            .deployment
+            .nodes
+            .iter_mut()
+            .find(|n| n.id.as_str() == city)
+        {
+            n.parent = tiersync_protocol::NodeId::new(to).ok();
+        }
+    }
+
     /// Points node `id`'s uplink at `addr` (e.g. a fault proxy), as an
     /// operator would. Takes effect at the node's next start.
     pub fn set_parent_addr(&self, id: &str, addr: std::net::SocketAddr) {
