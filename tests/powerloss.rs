@@ -193,23 +193,46 @@ fn powerfs_keeps_exactly_what_was_synced() {
     assert_eq!(read(&m.join("synced")).unwrap(), b"01AB456789-tail");
     assert_eq!(read(&m.join("replaced")).unwrap(), b"new");
     assert!(read(&m.join("unlinked")).is_none());
-    assert!(std::fs::read_dir(&m).unwrap().flatten().all(|e| e.file_name() != ".powerfs-trash"));
+    assert!(
+        std::fs::read_dir(&m)
+            .unwrap()
+            .flatten()
+            .all(|e| e.file_name() != ".powerfs-trash")
+    );
     drop((f, g));
 
     let report = fs.cut_and_remount();
     let m = fs.path().to_path_buf();
     assert_eq!(read(&m.join("synced")).unwrap(), b"0123456789", "data");
-    assert!(read(&m.join("new-synced-file")).is_none(), "unsynced create");
+    assert!(
+        read(&m.join("new-synced-file")).is_none(),
+        "unsynced create"
+    );
     assert!(read(&m.join("new-unsynced")).is_none());
     assert!(!m.join("newdir").exists(), "unsynced mkdir");
-    assert_eq!(read(&m.join("renamed")).unwrap(), b"moved?", "unsynced rename");
+    assert_eq!(
+        read(&m.join("renamed")).unwrap(),
+        b"moved?",
+        "unsynced rename"
+    );
     assert!(read(&m.join("renamed-to")).is_none());
-    assert_eq!(read(&m.join("replaced")).unwrap(), b"old", "unsynced replace");
-    assert_eq!(read(&m.join("unlinked")).unwrap(), b"still here", "unsynced unlink");
+    assert_eq!(
+        read(&m.join("replaced")).unwrap(),
+        b"old",
+        "unsynced replace"
+    );
+    assert_eq!(
+        read(&m.join("unlinked")).unwrap(),
+        b"still here",
+        "unsynced unlink"
+    );
     assert!(read(&m.join("tmp")).is_none());
 
     // Synced truncate and rename survive; an unsynced truncate does not.
-    let f = OpenOptions::new().write(true).open(m.join("synced")).unwrap();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.join("synced"))
+        .unwrap();
     f.set_len(4).unwrap();
     f.sync_all().unwrap();
     std::fs::rename(m.join("renamed"), m.join("renamed-to")).unwrap();
@@ -252,7 +275,10 @@ fn ingest_loses_no_acknowledged_write_at_power_cuts_of_the_city() {
         c.log(CITY)
     );
     let stores = c.assert_tiers_hold_merge_of_subtree();
-    let (lost_city, lost_national) = (lost(&stores[CITY], &acked), lost(&stores["national"], &acked));
+    let (lost_city, lost_national) = (
+        lost(&stores[CITY], &acked),
+        lost(&stores["national"], &acked),
+    );
     for id in [CITY, "national"] {
         assert_acked_present(&stores[id], &acked, id);
     }

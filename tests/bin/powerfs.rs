@@ -56,8 +56,8 @@ use anyhow::{Context, bail};
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
 };
 
 /// Name of the trash directory in the backing directory's root.
@@ -257,7 +257,7 @@ impl State {
     }
 
     /// Moves the entry at `path` to the trash; returns where it went.
-    fn to_trash(&mut self, path: &Path) -> Reply<PathBuf> {
+    fn move_to_trash(&mut self, path: &Path) -> Reply<PathBuf> {
         let trash = self.trash_path();
         std::fs::rename(path, &trash).map_err(io)?;
         self.repath(path, &trash);
@@ -287,17 +287,14 @@ impl State {
     /// The undo record of inode `ino`'s data, begun with `file`'s current
     /// size if the file has none.
     fn undo_of(&mut self, ino: u64, file: &File) -> std::io::Result<&mut DataUndo> {
-        if !self.data.contains_key(&ino) {
-            let undo = DataUndo {
+        Ok(match self.data.entry(ino) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(DataUndo {
                 file: file.try_clone()?,
                 durable_size: file.metadata()?.len(),
                 saved: BTreeMap::new(),
-            };
-            self.data.insert(ino, undo);
-        }
-        self.data
-            .get_mut(&ino)
-            .ok_or_else(|| std::io::Error::other("undo record vanished"))
+            }),
+        })
     }
 
     /// A file of `ino` to work on: the handle's, or a new descriptor.
@@ -641,7 +638,7 @@ impl Filesystem for PowerFs {
             if std::fs::symlink_metadata(&path).map_err(io)?.is_dir() {
                 return Err(Errno::EISDIR);
             }
-            let trash = s.to_trash(&path)?;
+            let trash = s.move_to_trash(&path)?;
             s.pend(&[parent], NameOp::Removed { path, trash });
             Ok(())
         }) {
@@ -659,7 +656,7 @@ impl Filesystem for PowerFs {
             if std::fs::read_dir(&path).map_err(io)?.next().is_some() {
                 return Err(Errno::ENOTEMPTY);
             }
-            let trash = s.to_trash(&path)?;
+            let trash = s.move_to_trash(&path)?;
             s.pend(&[parent], NameOp::Removed { path, trash });
             Ok(())
         }) {
@@ -726,7 +723,7 @@ impl Filesystem for PowerFs {
                     if old.is_dir() && std::fs::read_dir(&to).map_err(io)?.next().is_some() {
                         return Err(Errno::ENOTEMPTY);
                     }
-                    Some(s.to_trash(&to)?)
+                    Some(s.move_to_trash(&to)?)
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(io(e)),
@@ -927,7 +924,9 @@ impl Filesystem for PowerFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.with(|s| nix::sys::statvfs::statvfs(&s.root).map_err(|e| Errno::from_i32(e as i32))) {
+        match self
+            .with(|s| nix::sys::statvfs::statvfs(&s.root).map_err(|e| Errno::from_i32(e as i32)))
+        {
             Ok(v) => reply.statfs(
                 v.blocks(),
                 v.blocks_free(),
@@ -998,13 +997,9 @@ impl Filesystem for PowerFs {
             let fh = s.open_handle(a.ino.0, file);
             Ok((a, fh))
         }) {
-            Ok((a, fh)) => reply.created(
-                &TTL,
-                &a,
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            Ok((a, fh)) => {
+                reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::empty())
+            }
             Err(e) => reply.error(e),
         }
     }

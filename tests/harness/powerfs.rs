@@ -31,7 +31,9 @@ pub fn unavailable() -> Option<String> {
         .stderr(Stdio::null())
         .status();
     if helper.is_err() {
-        return Some("fusermount3 missing (Debian package fuse3; scripts/env.sh installs it)".into());
+        return Some(
+            "fusermount3 missing (Debian package fuse3; scripts/env.sh installs it)".into(),
+        );
     }
     None
 }
