@@ -42,12 +42,14 @@ tiersync_ensure_build_deps() {
     command -v cargo >/dev/null 2>&1 || { echo "tiersync: cargo (the Rust toolchain) is required" >&2; return 1; }
 }
 
-# What the tests need beyond the build: the clock-skew tests run nodes
-# under faketime; the power-loss tests mount powerfs (FUSE) through
+# What the tests need beyond the build: the clock-skew and config-check
+# tests run tiersync under faketime; the metrics test runs promtool (Debian
+# package prometheus); the power-loss tests mount powerfs (FUSE) through
 # fusermount3.
 tiersync_ensure_test_deps() {
     local missing=()
     command -v faketime >/dev/null 2>&1 || missing+=(faketime)
+    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
     command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
     if [ ${#missing[@]} -gt 0 ]; then
         _tiersync_install "${missing[@]}" || return 1

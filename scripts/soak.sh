@@ -10,6 +10,7 @@
 #   CRASH_CYCLES (1000)      SIGKILLs of the crash writer  tests/crash.rs
 #   POWER_CUTS (200)         power cuts per power-loss test tests/powerloss.rs
 #   FLOOD (5000)             hostile connection attempts   tests/refusals.rs
+#   RESTART_LOOPS (200)      failing starts (0 crashes)    tests/ops.rs
 #   SIM_SEEDS (1000)         deterministic simulation seeds (protocol topology)
 #   FUZZ_RUNS (1000000)      fuzz runs (scripts/fuzz.sh, when present)
 #   SEED                     RNG seed of the fault tests (TIERSYNC_SEED)
@@ -56,6 +57,7 @@ TIERSYNC_POWER_CUTS="${POWER_CUTS:-200}" run powerloss test_bin powerloss
 run diskfull test_bin diskfull
 TIERSYNC_FLOOD="${FLOOD:-5000}" run refusals test_bin refusals
 run skew test_bin skew
+TIERSYNC_RESTART_LOOPS="${RESTART_LOOPS:-200}" run ops test_bin ops
 TIERSYNC_SIM_SEEDS="${SIM_SEEDS:-1000}" \
     run simulation cargo test --release -p tiersync-protocol topology -- --nocapture
 if [ -f scripts/fuzz.sh ]; then
@@ -64,7 +66,7 @@ fi
 
 echo "soak: summaries" >&2
 # With --nocapture a summary may follow "test NAME ... " on its line.
-grep -hE '(^|\.\.\. )(partition|diskfull|kill|failpoints|crash test|powerfs|powerloss [a-z]+|refusals|skew|simulation|sim|fuzz)[ :]' "$logs"/*.log |
+grep -hE '(^|\.\.\. )(partition|diskfull|kill|failpoints|crash test|powerfs|powerloss [a-z]+|refusals|skew|restart loop|simulation|sim|fuzz)[ :]' "$logs"/*.log |
     sed -E 's/^test .* \.\.\. //' || true
 if [ ${#failed[@]} -gt 0 ]; then
     echo "soak: FAILED: ${failed[*]}" >&2

@@ -257,3 +257,64 @@ fn aggregates_match_a_recomputation_at_every_node() {
     )];
     assert!(!national_opps.as_array().unwrap().is_empty());
 }
+
+/// A city whose data directory is wiped starts over: every tier's private
+/// aggregates then equal what the city holds now, not a mix of its old and
+/// new totals (its new shares replace the old ones everywhere).
+#[test]
+fn private_aggregates_follow_a_wiped_city() {
+    let mut c = Cluster::new(&Spec {
+        provinces: 1,
+        cities_per_province: 2,
+        ..Spec::default()
+    });
+    c.start_all();
+    let cities = c.cities();
+    for city in &cities {
+        load(&c, city, 30);
+    }
+    assert!(
+        c.wait_converged(Duration::from_secs(60)),
+        "did not converge"
+    );
+    let wiped = &cities[0];
+    c.stop(wiped);
+    let dir = c.deployment.node(wiped).unwrap().data_dir.clone();
+    std::fs::remove_dir_all(&dir).unwrap();
+    c.start(wiped);
+    // Fewer, different private items than before.
+    for (category, lines) in tiersync::demo::city_data(wiped, 6, 11) {
+        let r = c.bulk(wiped, category, &lines);
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    assert!(
+        c.wait_converged(Duration::from_secs(60)),
+        "did not converge"
+    );
+    let policy = example_policy();
+    let private: Vec<Compiled> = Compiled::all(&policy)
+        .into_iter()
+        .filter(|a| policy.categories[&a.source].replicate == Replicate::Local)
+        .collect();
+    assert!(!private.is_empty());
+    let mut seen = BTreeMap::new();
+    for n in &c.deployment.nodes {
+        for agg in &private {
+            let r = c.get(n.id.as_str(), &format!("/v1/aggregates/{}", agg.name));
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            seen.insert((n.id.to_string(), agg.name.clone()), r.body["rows"].clone());
+        }
+    }
+    c.stop_all();
+    let raw: BTreeMap<String, Items> = cities
+        .iter()
+        .map(|city| (city.clone(), c.read_store(city)))
+        .collect();
+    for n in &c.deployment.nodes {
+        for agg in &private {
+            let want = as_json(agg, &expected(&c, &raw, agg, n.id.as_str()));
+            let have = seen[&(n.id.to_string(), agg.name.clone())].clone();
+            assert_eq!(have, Json::Array(want), "{} at {}", agg.name, n.id);
+        }
+    }
+}

@@ -364,10 +364,12 @@ fn import_csv_reports_rejected_lines_by_file_line() {
     out.assert_failed_with("1 of 5 line(s) rejected");
     assert!(
         out.stdout
-            .contains("5 line(s) read, 4 written, 0 unchanged, 1 rejected"),
+            .contains("5 line(s) read, 4 written, 0 unchanged, 1 rejected in "),
         "{}",
         out.stdout
     );
+    // The summary gives the throughput.
+    assert!(out.stdout.contains(" lines/s)"), "{}", out.stdout);
     assert!(
         out.stdout.contains("line 4 (key \"\"): invalid_key"),
         "{}",

@@ -49,7 +49,11 @@ fn child_config(
          [tls]\nca = {:?}\ncert = \"certs/{cert}.pem\"\nkey = \"certs/{cert}.key\"\n",
         free_port().expect("port"),
         free_port().expect("port"),
-        parent.config.listen.peer,
+        parent
+            .config
+            .listen
+            .peer
+            .expect("the parent's peer address"),
         ca.display().to_string(),
     );
     let path = dir.join(format!("{name}.toml"));
@@ -158,8 +162,31 @@ fn certificate_of_another_node_is_refused() {
         &c.dir.path().join("certs/ca.pem"),
         "policy.toml",
     );
-    let err = assert_uplink_error(&mut c, "liar", cfg, "IdMismatch");
-    assert!(err.contains("certificate is for hangzhou"), "{err}");
+    // `tiersync run` itself refuses a certificate that is not its node's …
+    let out = std::process::Command::new(tiersync_tests::workspace_bin("tiersync"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run tiersync");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls.cert") && err.contains("is the certificate of node hangzhou, not ningbo"),
+        "{err}"
+    );
+    // … so the liar speaks the protocol directly, and the parent refuses it.
+    runtime().block_on(async {
+        let mut h = hostile(&c, "hangzhou").await;
+        h.send(&hello_frame("ningbo", PROTOCOL_VERSION, 7)).await;
+        match h.recv().await {
+            Some(Frame::Refuse { reason, message }) => {
+                assert!(matches!(reason, RefuseReason::IdMismatch), "{reason:?}");
+                assert!(message.contains("certificate is for hangzhou"), "{message}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    });
+    c.stop_all();
 }
 
 #[test]
@@ -221,7 +248,8 @@ async fn hostile(c: &Cluster, as_node: &str) -> Hostile {
         .unwrap()
         .config
         .listen
-        .peer;
+        .peer
+        .expect("the province's peer address");
     let conn = tiersync::tls::connect(&endpoint, parent, &NodeId::new("zhejiang").unwrap())
         .await
         .unwrap();
@@ -263,16 +291,20 @@ impl Hostile {
     }
 
     async fn hello(&mut self, node: &str) {
-        self.send(&Frame::Hello {
-            protocol: PROTOCOL_VERSION,
-            node: NodeId::new(node).unwrap(),
-            tier: Tier::City,
-            policy_digest: example_policy().digest(),
-            incarnation: 7,
-            subtree: vec![],
-        })
-        .await;
+        self.send(&hello_frame(node, PROTOCOL_VERSION, 7)).await;
         assert!(matches!(self.recv().await, Some(Frame::Welcome { .. })));
+    }
+}
+
+/// A city's Hello claiming to be `node`.
+fn hello_frame(node: &str, protocol: u32, incarnation: u64) -> Frame {
+    Frame::Hello {
+        protocol,
+        node: NodeId::new(node).unwrap(),
+        tier: Tier::City,
+        policy_digest: example_policy().digest(),
+        incarnation,
+        subtree: vec![],
     }
 }
 
@@ -349,11 +381,47 @@ fn far_future_stamp_is_refused() {
     );
 }
 
+/// Writes under another city's name are dropped, not stored (the link
+/// stays up: a city that moved away leaves such writes at its old parent,
+/// and they must not stop it).
 #[test]
-fn forged_origin_is_refused() {
-    assert_batch_refused(
-        record("customer", "c-forged", "ningbo", tiersync::now_ms()),
-        "not the sender or a node of its subtree",
+fn forged_origin_stores_nothing() {
+    let c = cluster();
+    runtime().block_on(async {
+        let mut h = hostile(&c, "hangzhou").await;
+        h.hello("hangzhou").await;
+        h.send(&Frame::Batch {
+            after: 0,
+            last_seq: 1,
+            upto_hlc: Hlc::ZERO,
+            items: vec![
+                record("customer", "c-forged", "ningbo", tiersync::now_ms()),
+                record("customer", "c-honest", "hangzhou", tiersync::now_ms()),
+            ],
+            watermarks: vec![],
+        })
+        .await;
+        assert!(
+            matches!(h.recv().await, Some(Frame::Ack { last_seq: 1 })),
+            "the rest of the batch is merged"
+        );
+        h.conn.close(0u32.into(), b"done");
+    });
+    assert_eq!(
+        c.get("zhejiang", "/v1/records/customer/c-forged").status,
+        404,
+        "nothing forged is stored"
+    );
+    assert_eq!(
+        c.get("zhejiang", "/v1/records/customer/c-honest").status,
+        200
+    );
+    let metrics = c.get_text("zhejiang", "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tiersync_link_foreign_dropped_total") && !l.ends_with(" 0")),
+        "the dropped writes are counted"
     );
 }
 
@@ -390,15 +458,8 @@ fn unsupported_protocol_version_is_refused() {
     let c = cluster();
     runtime().block_on(async {
         let mut h = hostile(&c, "hangzhou").await;
-        h.send(&Frame::Hello {
-            protocol: PROTOCOL_VERSION + 1,
-            node: NodeId::new("hangzhou").unwrap(),
-            tier: Tier::City,
-            policy_digest: example_policy().digest(),
-            incarnation: 1,
-            subtree: vec![],
-        })
-        .await;
+        h.send(&hello_frame("hangzhou", PROTOCOL_VERSION + 1, 1))
+            .await;
         assert!(matches!(
             h.recv().await,
             Some(Frame::Refuse {

@@ -203,7 +203,8 @@ fn move_city(c: &Cluster, city: &str, from: &str, to: &str) {
         .unwrap()
         .config
         .listen
-        .peer;
+        .peer
+        .expect("a province has a peer address");
     edit(city, &|t| {
         let mut out = String::new();
         let mut in_parent = false;

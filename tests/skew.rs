@@ -9,29 +9,32 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is the test failure report
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
 use tiersync::deploygen::Spec;
 use tiersync_tests::cluster::Cluster;
-use tiersync_tests::{example_policy, wait_for, workspace_bin};
+use tiersync_tests::{ProcessGroup, example_policy, wait_for, workspace_bin};
 
 /// Starts node `id` with its wall clock shifted by `offset` (e.g. "+2h").
-fn start_skewed(c: &Cluster, id: &str, offset: &str) -> Child {
+fn start_skewed(c: &Cluster, id: &str, offset: &str) -> ProcessGroup {
     let log = std::fs::File::create(c.dir.path().join("logs").join(format!("{id}.log"))).unwrap();
-    let child = Command::new("faketime")
-        .arg("-f")
-        .arg(offset)
-        .arg(workspace_bin("tiersync"))
-        .args(["run", "--config"])
-        .arg(c.config(id))
-        // Timers and timeouts keep the real monotonic clock.
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("faketime must be installed (Debian package faketime; scripts/env.sh installs it)");
+    // faketime runs the node as its child: only stopping the whole group
+    // stops the node.
+    let child = ProcessGroup::spawn(
+        Command::new("faketime")
+            .arg("-f")
+            .arg(offset)
+            .arg(workspace_bin("tiersync"))
+            .args(["run", "--config"])
+            .arg(c.config(id))
+            // Timers and timeouts keep the real monotonic clock.
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .stdout(Stdio::null())
+            .stderr(log),
+    )
+    .expect("faketime must be installed (Debian package faketime; scripts/env.sh installs it)");
     let up = wait_for(Duration::from_secs(30), || {
         (c.get_opt(id, "/v1/status")?.status == 200).then_some(())
     });
@@ -133,8 +136,7 @@ fn a_city_hours_ahead_is_refused_and_one_behind_still_replicates() {
     );
 
     for child in [&mut ahead, &mut behind, &mut far_behind] {
-        let _ = tiersync::process::terminate(child.id());
-        let _ = child.wait();
+        child.stop();
     }
     c.stop_all();
     // Nothing far-future was stored above the city.
@@ -188,7 +190,6 @@ fn an_expired_child_certificate_is_refused() {
         link.is_null(),
         "a link was opened for an expired certificate: {link}"
     );
-    let _ = tiersync::process::terminate(parent.id());
-    let _ = parent.wait();
+    parent.stop();
     c.stop_all();
 }

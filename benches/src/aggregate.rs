@@ -100,6 +100,8 @@ pub fn run(items: u64, queries: usize) -> anyhow::Result<Vec<Checkpoint>> {
             let batch: Vec<WireItem> = (loaded..loaded + n).map(|i| bill(i, &cities[c])).collect();
             seqs[c] += 1;
             store.merge_remote(RemoteMerge {
+                relay_all: false,
+                now_ms: tiersync::now_ms(),
                 child: cities[c].clone(),
                 incarnation: 1,
                 items: batch,

@@ -10,6 +10,9 @@
 //! reading CSV and NDJSON files into NDJSON chunks whose lines remember
 //! their line number in the input file ([`Chunker`]).
 
+mod conflicts;
+pub use conflicts::ConflictQuery;
+
 use std::io::{BufRead, Read};
 use std::path::Path;
 use std::time::Duration;

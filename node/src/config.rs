@@ -80,8 +80,10 @@ pub struct NodeSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenSection {
-    /// QUIC address children connect to.
-    pub peer: SocketAddr,
+    /// QUIC address children connect to; only a node with children binds it
+    /// (a city needs none).
+    #[serde(default)]
+    pub peer: Option<SocketAddr>,
     /// HTTP API address.
     pub api: SocketAddr,
 }
@@ -109,12 +111,32 @@ pub struct TlsSection {
 }
 
 /// `[storage]`: durability and storage knobs.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageSection {
     /// `fsync` (default) or `buffered`.
     #[serde(default)]
     pub durability: Durability,
+    /// How long changelog entries are kept after the parent acknowledged
+    /// them (at national, which has no parent: after they were written),
+    /// e.g. `"10m"` (the default) or `"2h"`. A parent restored from a
+    /// backup younger than this resumes from its cursor instead of asking
+    /// for a snapshot of this node's whole data.
+    #[serde(default = "default_retention", with = "humantime_serde")]
+    pub changelog_retention: std::time::Duration,
+}
+
+fn default_retention() -> std::time::Duration {
+    std::time::Duration::from_secs(600)
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            durability: Durability::default(),
+            changelog_retention: default_retention(),
+        }
+    }
 }
 
 /// `[api]`: HTTP API limits.
@@ -131,6 +153,16 @@ impl Default for ApiSection {
             max_body_bytes: 16 * 1024 * 1024,
         }
     }
+}
+
+/// `[log]`: logging, changeable by a reload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// A `RUST_LOG`-style filter, e.g. `info` or `info,tiersync::link=debug`
+    /// (default `info`; the `RUST_LOG` environment variable overrides it).
+    #[serde(default)]
+    pub level: Option<String>,
 }
 
 /// One node's configuration file.
@@ -156,6 +188,9 @@ pub struct NodeConfig {
     /// API settings.
     #[serde(default)]
     pub api: ApiSection,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSection,
 }
 
 /// A node configuration together with the policy it names, both validated.
@@ -296,7 +331,19 @@ impl NodeConfig {
                 "missing: a node with a parent or children needs [tls] ca, cert and key",
             ));
         }
-        if self.listen.peer == self.listen.api {
+        if let Some(level) = &self.log.level
+            && let Err(e) = tracing_subscriber::EnvFilter::builder().parse(level)
+        {
+            return Err(invalid(file, "log.level", format!("{level:?}: {e}")));
+        }
+        if self.listen.peer.is_none() && !self.children.is_empty() {
+            return Err(invalid(
+                file,
+                "listen.peer",
+                "missing: a node with children needs the QUIC address they connect to",
+            ));
+        }
+        if self.listen.peer == Some(self.listen.api) {
             return Err(invalid(
                 file,
                 "listen.api",

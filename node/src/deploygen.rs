@@ -205,11 +205,16 @@ pub fn generate(dir: &Path, spec: &Spec) -> Result<Generated> {
             n.tier.as_str(),
             n.id
         );
-        let _ = writeln!(
-            toml,
-            "\n[listen]\npeer = \"127.0.0.1:{}\"\napi = \"127.0.0.1:{}\"",
-            peers[i], apis[i]
-        );
+        // A city has no children, so it binds no peer address.
+        if n.children.is_empty() {
+            let _ = writeln!(toml, "\n[listen]\napi = \"127.0.0.1:{}\"", apis[i]);
+        } else {
+            let _ = writeln!(
+                toml,
+                "\n[listen]\npeer = \"127.0.0.1:{}\"\napi = \"127.0.0.1:{}\"",
+                peers[i], apis[i]
+            );
+        }
         if let Some(p) = n.parent {
             let _ = writeln!(
                 toml,

@@ -56,10 +56,11 @@ pub fn check(nodes: &[Loaded]) -> Vec<Problem> {
     }
     let mut addrs: BTreeMap<std::net::SocketAddr, &Loaded> = BTreeMap::new();
     for l in nodes {
-        for (key, addr) in [
-            ("listen.peer", l.config.listen.peer),
-            ("listen.api", l.config.listen.api),
-        ] {
+        let peer = l.config.listen.peer.map(|a| ("listen.peer", a));
+        for (key, addr) in peer
+            .into_iter()
+            .chain([("listen.api", l.config.listen.api)])
+        {
             // Port 0 picks a free port; 0.0.0.0 binds each node's own host (one pod each).
             if addr.port() == 0 || addr.ip().is_unspecified() {
                 continue;
@@ -94,57 +95,45 @@ pub fn check(nodes: &[Loaded]) -> Vec<Problem> {
     }
     for l in nodes {
         let me = &l.config.node.id;
-        if let Some(p) = &l.config.parent {
-            match by_id.get(&p.id) {
-                None => problem(
+        // A parent or child whose file was not given is not checked here
+        // (`outside` reports it), so one node's file checks on its own.
+        if let Some(p) = &l.config.parent
+            && let Some(parent) = by_id.get(&p.id)
+        {
+            if !parent.config.children.contains(me) {
+                problem(
                     l,
                     "parent.id",
-                    format!("no file of this deployment is node {}", p.id),
-                ),
-                Some(parent) => {
-                    if !parent.config.children.contains(me) {
-                        problem(
-                            l,
-                            "parent.id",
-                            format!(
-                                "{} does not list {me} in its children ({})",
-                                p.id,
-                                parent.path.display()
-                            ),
-                        );
-                    }
-                    if parent.config.node.tier <= l.config.node.tier {
-                        problem(
-                            l,
-                            "node.tier",
-                            format!(
-                                "{me} is a {} but its parent {} is a {}: a parent's tier is above its child's",
-                                l.config.node.tier, p.id, parent.config.node.tier
-                            ),
-                        );
-                    }
-                }
+                    format!(
+                        "{} does not list {me} in its children ({})",
+                        p.id,
+                        parent.path.display()
+                    ),
+                );
+            }
+            if parent.config.node.tier <= l.config.node.tier {
+                problem(
+                    l,
+                    "node.tier",
+                    format!(
+                        "{me} is a {} but its parent {} is a {}: a parent's tier is above its child's",
+                        l.config.node.tier, p.id, parent.config.node.tier
+                    ),
+                );
             }
         }
         for (i, c) in l.config.children.iter().enumerate() {
-            match by_id.get(c) {
-                None => problem(
+            if let Some(child) = by_id.get(c)
+                && child.config.parent.as_ref().map(|p| &p.id) != Some(me)
+            {
+                problem(
                     l,
                     &format!("children[{i}]"),
-                    format!("no file of this deployment is node {c}"),
-                ),
-                Some(child) => {
-                    if child.config.parent.as_ref().map(|p| &p.id) != Some(me) {
-                        problem(
-                            l,
-                            &format!("children[{i}]"),
-                            format!(
-                                "{c} does not name {me} as its parent ({})",
-                                child.path.display()
-                            ),
-                        );
-                    }
-                }
+                    format!(
+                        "{c} does not name {me} as its parent ({})",
+                        child.path.display()
+                    ),
+                );
             }
         }
         // Follow parents upward: more hops than nodes means a cycle.
@@ -171,6 +160,39 @@ pub fn check(nodes: &[Loaded]) -> Vec<Problem> {
         }
     }
     problems
+}
+
+/// Parents and children named by the given files whose own files were not
+/// given: the rules across files were not checked for them. Warnings, so
+/// one node's file can be checked on its own host.
+pub fn outside(nodes: &[Loaded]) -> Vec<Problem> {
+    let ids: BTreeSet<&NodeId> = nodes.iter().map(|l| &l.config.node.id).collect();
+    let mut out = Vec::new();
+    for l in nodes {
+        let parent = l
+            .config
+            .parent
+            .as_ref()
+            .map(|p| ("parent.id".to_string(), &p.id));
+        let children = l
+            .config
+            .children
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("children[{i}]"), c));
+        for (key, id) in parent.into_iter().chain(children) {
+            if !ids.contains(id) {
+                out.push(Problem {
+                    file: l.path.clone(),
+                    key,
+                    reason: format!(
+                        "node {id}'s file was not given, so the rules between the two were not checked"
+                    ),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Whether the node's certificate (if its `[tls] cert` file exists) names

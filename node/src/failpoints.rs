@@ -15,6 +15,11 @@
 //! | `store-after-sync` | a write group is synced, not yet acknowledged |
 //! | `store-mid-merge` | a parent validated a child's batch and built its WriteBatch, not yet committed |
 //! | `link-mid-frame` | half of a `Batch`/`SnapshotChunk` frame is sent, the rest never |
+//!
+//! One point does not crash: at `store-sync-error`, `return` makes the WAL
+//! sync of a write group (or of a merge) fail as a disk reporting EIO on
+//! fsync would; the store must then stop taking writes (fail-stop).
+//! E.g. `FAILPOINTS="store-sync-error=3*off->1*return->off"` fails the 4th sync only.
 
 use anyhow::{Context, Result, bail};
 
@@ -22,8 +27,9 @@ use anyhow::{Context, Result, bail};
 pub const ENV: &str = "FAILPOINTS";
 
 /// Every fail point of the node.
-pub const NAMES: [&str; 4] = [
+pub const NAMES: [&str; 5] = [
     "store-after-append",
+    "store-sync-error",
     "store-after-sync",
     "store-mid-merge",
     "link-mid-frame",

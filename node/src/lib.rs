@@ -13,8 +13,11 @@ pub mod failpoints;
 pub mod json;
 pub mod link;
 pub mod node;
+pub mod ops;
+pub mod preflight;
 pub mod process;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod writer;
 

@@ -5,7 +5,7 @@ fn main() -> std::process::ExitCode {
     match tiersync::cli::main(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", tiersync::cli::error_text(&e));
             std::process::ExitCode::FAILURE
         }
     }

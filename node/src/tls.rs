@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::RootCertStore;
+use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
@@ -224,6 +225,134 @@ pub fn client_config(tls: &TlsSection) -> Result<rustls::ClientConfig, TlsError>
         .map_err(identity_error(tls))?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
+}
+
+/// The uplink's TLS material: the certificate this node presents and the
+/// CA it trusts, read at each handshake, so a reload swaps them without a
+/// new endpoint (quinn keeps an endpoint's default client configuration per
+/// handle, out of reach of the handle the uplink holds).
+#[derive(Debug)]
+pub struct ClientMaterial {
+    key: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+    verifier: arc_swap::ArcSwap<rustls::client::WebPkiServerVerifier>,
+}
+
+type Material = (
+    Arc<rustls::sign::CertifiedKey>,
+    Arc<rustls::client::WebPkiServerVerifier>,
+);
+
+impl ClientMaterial {
+    /// Reads the `[tls]` files.
+    pub fn load(tls: &TlsSection) -> Result<Arc<Self>, TlsError> {
+        let (key, verifier) = Self::read(tls)?;
+        Ok(Arc::new(Self {
+            key: arc_swap::ArcSwap::new(key),
+            verifier: arc_swap::ArcSwap::new(verifier),
+        }))
+    }
+
+    /// Reads the `[tls]` files again and, only if all of them are usable,
+    /// uses them for the next handshakes.
+    pub fn reload(&self, tls: &TlsSection) -> Result<(), TlsError> {
+        let (key, verifier) = Self::read(tls)?;
+        self.key.store(key);
+        self.verifier.store(verifier);
+        Ok(())
+    }
+
+    fn read(tls: &TlsSection) -> Result<Material, TlsError> {
+        let provider = provider();
+        let key = rustls::sign::CertifiedKey::from_der(
+            load_certs(&tls.cert)?,
+            load_key(&tls.key)?,
+            &provider,
+        )
+        .map_err(identity_error(tls))?;
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(load_roots(tls)?, provider)
+                .build()
+                .map_err(|source| TlsError::Verifier {
+                    file: tls.ca.clone(),
+                    source,
+                })?;
+        Ok((Arc::new(key), verifier))
+    }
+}
+
+impl rustls::client::ResolvesClientCert for ClientMaterial {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.key.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl ServerCertVerifier for ClientMaterial {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.verifier.load().verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.verifier
+            .load()
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.verifier
+            .load()
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.verifier.load().supported_verify_schemes()
+    }
+}
+
+/// The quinn client configuration of a node that dials its parent, with
+/// its certificate and CA taken from `material` at each handshake (the
+/// same checks as [`client_config`]: the server against the CA and the
+/// parent's node id as server name).
+pub fn quinn_client_config_reloadable(
+    material: Arc<ClientMaterial>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(material.clone())
+        .with_client_cert_resolver(material);
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    quinn_client_config_from(config)
 }
 
 /// Transport settings of every link: keep-alive [`KEEP_ALIVE`], idle

@@ -50,6 +50,11 @@ impl Writer {
         Ok((Writer { tx }, handle))
     }
 
+    /// Whether the writer thread has stopped taking requests.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// Applies `mutations` (in order) and waits until they are durable.
     pub async fn apply(
         &self,

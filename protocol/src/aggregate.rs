@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use crdts::{CmRDT, CvRDT, PNCounter};
+use crate::clock::Hlc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -214,17 +214,44 @@ pub fn fixed(v: &Value) -> i128 {
     }
 }
 
-/// The per-group totals of a `local`-category aggregate, one PN-counter per
-/// measure with each city as its own actor. Merging is the counters' merge,
-/// so totals from every city in a subtree add up exactly once.
+/// The per-group totals of a `local`-category aggregate: each city's own
+/// totals (one value per measure, sums in fixed point) as a last-writer-wins
+/// register versioned by the city's HLC. Merging keeps, per city, the newer
+/// share, so totals from every city in a subtree add up exactly once, and a
+/// city that was wiped (or restored) and starts over replaces its old
+/// totals instead of mixing with them, as a grow-only counter would.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     /// The aggregate's name.
     pub aggregate: String,
     /// The group.
     pub group: GroupKey,
-    /// One counter per measure, in fixed point for sums.
-    pub measures: Vec<PNCounter<NodeId>>,
+    /// How many measures each share holds.
+    pub measures: usize,
+    /// Each city's share.
+    pub shares: BTreeMap<NodeId, Share>,
+}
+
+/// One city's totals of one group and when it last changed them.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Share {
+    /// When the city last changed its totals (its HLC).
+    pub version: Hlc,
+    /// The incarnation of the city's data it counts. A node counts only
+    /// the shares of each city's current incarnation (the one its
+    /// watermark names), so the groups a wiped or moved city no longer
+    /// writes stop counting everywhere.
+    pub incarnation: u64,
+    /// One total per measure.
+    pub values: Vec<i128>,
+}
+
+/// An aggregate total would leave the range of `i128` fixed point.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("aggregate {aggregate}: a total would overflow (over 1.7e32 in fixed point)")]
+pub struct Overflow {
+    /// The aggregate.
+    pub aggregate: String,
 }
 
 impl Counters {
@@ -233,74 +260,114 @@ impl Counters {
         Self {
             aggregate: aggregate.to_string(),
             group,
-            measures: vec![PNCounter::new(); measures],
+            measures,
+            shares: BTreeMap::new(),
         }
     }
 
-    /// Adds `delta` (one value per measure) as `actor`.
-    pub fn add(&mut self, actor: &NodeId, delta: &[i128]) {
-        for (c, d) in self.measures.iter_mut().zip(delta) {
-            let steps = u64::try_from(d.unsigned_abs()).unwrap_or(u64::MAX);
-            if *d > 0 {
-                let op = c.inc_many(actor.clone(), steps);
-                c.apply(op);
-            } else if *d < 0 {
-                let op = c.dec_many(actor.clone(), steps);
-                c.apply(op);
-            }
-        }
+    /// Adds `delta` (one value per measure) to `actor`'s share of its
+    /// `incarnation`, as changed at `version`. Refuses (changing nothing) a
+    /// total that would overflow.
+    pub fn add(
+        &mut self,
+        actor: &NodeId,
+        delta: &[i128],
+        version: Hlc,
+        incarnation: u64,
+    ) -> Result<(), Overflow> {
+        let cur = self.value_of(actor);
+        let values = cur
+            .iter()
+            .zip(delta.iter().chain(std::iter::repeat(&0)))
+            .map(|(a, d)| a.checked_add(*d))
+            .collect::<Option<Vec<i128>>>()
+            .ok_or_else(|| Overflow {
+                aggregate: self.aggregate.clone(),
+            })?;
+        let version = self
+            .shares
+            .get(actor)
+            .map_or(version, |s| version.max(s.version));
+        self.set(actor, values, version, incarnation);
+        Ok(())
     }
 
-    /// Each actor's increments and decrements of one counter. `PNCounter`
-    /// keeps them private; its encoding is the two version vectors in order,
-    /// which the codec reads back positionally.
-    fn dots(c: &PNCounter<NodeId>) -> (BTreeMap<NodeId, u64>, BTreeMap<NodeId, u64>) {
-        crate::codec::encode_stored(c)
-            .ok()
-            .and_then(|b| crate::codec::decode_stored(&b).ok())
-            .unwrap_or_default()
+    /// Sets `actor`'s share of its `incarnation` to `values`, as changed at
+    /// `version`.
+    pub fn set(&mut self, actor: &NodeId, values: Vec<i128>, version: Hlc, incarnation: u64) {
+        self.shares.insert(
+            actor.clone(),
+            Share {
+                version,
+                incarnation,
+                values,
+            },
+        );
+    }
+
+    /// Drops the shares of every actor `keep` refuses; returns how many
+    /// actors were dropped.
+    pub fn retain_actors(&mut self, keep: impl Fn(&NodeId) -> bool) -> usize {
+        let before = self.shares.len();
+        self.shares.retain(|a, _| keep(a));
+        before - self.shares.len()
     }
 
     /// Every actor that contributed.
     pub fn actors(&self) -> Vec<NodeId> {
-        let mut out = std::collections::BTreeSet::new();
-        for c in &self.measures {
-            let (p, n) = Self::dots(c);
-            out.extend(p.into_keys());
-            out.extend(n.into_keys());
-        }
-        out.into_iter().collect()
+        self.shares.keys().cloned().collect()
     }
 
     /// `actor`'s own contribution, one value per measure.
     pub fn value_of(&self, actor: &NodeId) -> Vec<i128> {
-        self.measures
-            .iter()
-            .map(|c| {
-                let (p, n) = Self::dots(c);
-                i128::from(p.get(actor).copied().unwrap_or(0))
-                    - i128::from(n.get(actor).copied().unwrap_or(0))
-            })
-            .collect()
+        let mut v = self
+            .shares
+            .get(actor)
+            .map(|s| s.values.clone())
+            .unwrap_or_default();
+        v.resize(self.measures, 0);
+        v
     }
 
-    /// The totals, one per measure.
+    /// The totals, one per measure (saturating: a total of many cities'
+    /// shares beyond `i128` is beyond any real figure).
     pub fn values(&self) -> Vec<i128> {
-        self.measures
-            .iter()
-            .map(|c| c.read().to_string().parse().unwrap_or(0))
-            .collect()
+        self.values_where(|_| None)
     }
 
-    /// Merges another replica. Counters of different identity under one key
-    /// (only a forged frame can do that) resolve to the larger identity.
+    /// The totals over the shares of each city's current incarnation:
+    /// `current(city)` names it (`None`: unknown, every share counts).
+    pub fn values_where(&self, current: impl Fn(&NodeId) -> Option<u64>) -> Vec<i128> {
+        let mut out = vec![0i128; self.measures];
+        for (actor, s) in &self.shares {
+            if current(actor).is_some_and(|inc| inc != s.incarnation) {
+                continue;
+            }
+            for (o, v) in out.iter_mut().zip(&s.values) {
+                *o = o.saturating_add(*v);
+            }
+        }
+        out
+    }
+
+    /// Whether every share fits the definition (one value per measure).
+    pub fn well_formed(&self) -> bool {
+        self.shares
+            .values()
+            .all(|s| s.values.len() == self.measures)
+    }
+
+    /// Merges another replica: per actor, the newer share (ties, which only
+    /// a bug or a forged frame can make, break by value). Counters of
+    /// different identity under one key (only a forged frame can do that)
+    /// resolve to the larger identity.
     pub fn merge(&mut self, other: &Counters) -> MergeOutcome {
         let same = self.aggregate == other.aggregate
             && self.group == other.group
-            && self.measures.len() == other.measures.len();
+            && self.measures == other.measures;
         if !same {
-            let theirs_wins = (&other.aggregate, &other.group, other.measures.len())
-                > (&self.aggregate, &self.group, self.measures.len());
+            let theirs_wins = (&other.aggregate, &other.group, other.measures)
+                > (&self.aggregate, &self.group, self.measures);
             if theirs_wins {
                 *self = other.clone();
             }
@@ -309,14 +376,24 @@ impl Counters {
                 conflict: true,
             };
         }
-        let before = self.clone();
-        for (mine, theirs) in self.measures.iter_mut().zip(&other.measures) {
-            mine.merge(theirs.clone());
+        let mut out = MergeOutcome::default();
+        for (actor, theirs) in &other.shares {
+            match self.shares.get_mut(actor) {
+                Some(mine) if *mine >= *theirs => {
+                    out.conflict |= mine.version == theirs.version && mine != theirs;
+                }
+                Some(mine) => {
+                    out.conflict |= mine.version == theirs.version;
+                    *mine = theirs.clone();
+                    out.changed = true;
+                }
+                None => {
+                    self.shares.insert(actor.clone(), theirs.clone());
+                    out.changed = true;
+                }
+            }
         }
-        MergeOutcome {
-            changed: *self != before,
-            conflict: false,
-        }
+        out
     }
 }
 
@@ -394,27 +471,72 @@ mod tests {
     }
 
     fn arb_counters() -> impl Strategy<Value = Counters> {
-        proptest::collection::vec((0usize..3, -50i128..50), 0..8).prop_map(|ops| {
+        proptest::collection::vec((0usize..3, -50i128..50, 0u64..4), 0..8).prop_map(|ops| {
             let mut c = Counters::new("a", vec![Some("g".into())], 2);
-            for (actor, d) in ops {
+            for (actor, d, t) in ops {
                 let actor = NodeId::new(["x", "y", "z"][actor]).unwrap();
-                c.add(&actor, &[d, -d]);
+                let version = Hlc {
+                    physical_ms: t,
+                    logical: 0,
+                };
+                c.add(&actor, &[d, -d], version, t % 2).unwrap();
             }
             c
         })
+    }
+
+    fn at(ms: u64) -> Hlc {
+        Hlc {
+            physical_ms: ms,
+            logical: 0,
+        }
     }
 
     #[test]
     fn per_actor_values_and_actors() {
         let (x, y) = (NodeId::new("x").unwrap(), NodeId::new("y").unwrap());
         let mut c = Counters::new("a", vec![None], 2);
-        c.add(&x, &[5, 7]);
-        c.add(&x, &[-2, 0]);
-        c.add(&y, &[1, -3]);
+        c.add(&x, &[5, 7], at(1), 1).unwrap();
+        c.add(&x, &[-2, 0], at(2), 1).unwrap();
+        c.add(&y, &[1, -3], at(1), 1).unwrap();
         assert_eq!(c.value_of(&x), vec![3, 7]);
         assert_eq!(c.value_of(&y), vec![1, -3]);
         assert_eq!(c.values(), vec![4, 4]);
         assert_eq!(c.actors(), vec![x, y]);
+    }
+
+    /// A city that starts over (wiped) replaces its old totals everywhere:
+    /// its new share is newer.
+    #[test]
+    fn a_newer_share_replaces_an_older_one() {
+        let x = NodeId::new("x").unwrap();
+        let mut old = Counters::new("a", vec![None], 1);
+        old.add(&x, &[100], at(5), 1).unwrap();
+        let mut fresh = Counters::new("a", vec![None], 1);
+        fresh.add(&x, &[3], at(9), 2).unwrap();
+        let mut parent = old.clone();
+        assert!(parent.merge(&fresh).changed);
+        assert_eq!(parent.values(), vec![3]);
+        assert!(
+            !parent.merge(&old).changed,
+            "the old share never comes back"
+        );
+        assert_eq!(parent.values(), vec![3]);
+        // A group the city no longer writes keeps its old incarnation's
+        // share, which stops counting once the city's new incarnation is
+        // known.
+        assert_eq!(old.values_where(|_| Some(2)), vec![0]);
+        assert_eq!(old.values_where(|_| Some(1)), vec![100]);
+    }
+
+    #[test]
+    fn overflowing_totals_are_refused() {
+        let x = NodeId::new("x").unwrap();
+        let mut c = Counters::new("a", vec![None], 1);
+        c.add(&x, &[i128::MAX - 1], at(1), 1).unwrap();
+        let before = c.clone();
+        assert!(c.add(&x, &[2], at(2), 1).is_err());
+        assert_eq!(c, before, "nothing changed");
     }
 
     proptest! {

@@ -11,7 +11,11 @@ use crate::id::{NodeId, Tier};
 use crate::item::Item;
 
 /// The replication protocol version spoken in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// Version 2: `Welcome` carries the HLC of the child's change at the cursor
+/// (so a child whose data went back in time notices) and the parent's wall
+/// clock (so the child knows its clock offset).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// A changed item as it travels upward.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +68,15 @@ pub enum Frame {
     Welcome {
         /// The last child sequence number the parent has durably merged.
         resume_from: u64,
+        /// The HLC of the child's changelog entry `resume_from`, as the
+        /// parent received it ([`Hlc::ZERO`] when unknown). A child whose
+        /// entry `resume_from` is missing or has another HLC went back in
+        /// time (a restore, a power cut of a buffered node) and must not
+        /// stream after it.
+        resume_hlc: Hlc,
+        /// The parent's wall clock in ms since the epoch when it answered:
+        /// the child checks its own clock's offset against it.
+        now_ms: u64,
     },
     /// Parent → child: refused; the link closes.
     Refuse {

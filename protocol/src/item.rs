@@ -162,10 +162,31 @@ impl Record {
 
     /// Merges another replica's state into this one.
     pub fn merge(&mut self, other: &Record) -> MergeOutcome {
+        self.merge_observing(other, |_, _, _| {})
+    }
+
+    /// [`merge`](Record::merge), calling `overwritten(field, loser, winner)`
+    /// for every field whose value another origin's newer, different value
+    /// replaces here (last-writer-wins between two origins: normal, but
+    /// worth counting). Costs one stamp comparison per field when nothing
+    /// is replaced.
+    pub fn merge_observing(
+        &mut self,
+        other: &Record,
+        mut overwritten: impl FnMut(&str, &Stamp, &Stamp),
+    ) -> MergeOutcome {
         let mut out = merge_reg(&mut self.base, &other.base);
         for (name, reg) in &other.fields {
             match self.fields.get_mut(name) {
-                Some(mine) => out.absorb(merge_reg(mine, reg)),
+                Some(mine) => {
+                    if reg.marker > mine.marker
+                        && reg.marker.origin != mine.marker.origin
+                        && reg.val != mine.val
+                    {
+                        overwritten(name, &mine.marker, &reg.marker);
+                    }
+                    out.absorb(merge_reg(mine, reg))
+                }
                 None => {
                     if self.is_visible(&reg.marker) {
                         self.fields.insert(name.clone(), reg.clone());
@@ -204,9 +225,12 @@ impl Record {
         base_ok && self.fields.values().all(|r| self.is_visible(&r.marker))
     }
 
-    /// Whether the record is deleted (a tombstone with no newer field).
+    /// Whether the record is deleted: not PUT, and no field holds a value
+    /// (a PATCH that only removes fields of a deleted record leaves it
+    /// deleted, rather than bringing back an empty live document that
+    /// counts and aggregates would include).
     pub fn is_deleted(&self) -> bool {
-        self.base.val == Base::Deleted && self.fields.is_empty()
+        self.base.val != Base::Put && self.fields.values().all(|r| r.val.is_none())
     }
 
     /// The visible document: field name → value, without removed fields.
@@ -248,6 +272,21 @@ impl Record {
         let base = (self.base.val != Base::Empty).then_some(&self.base.marker);
         base.into_iter()
             .chain(self.fields.values().map(|r| &r.marker))
+    }
+
+    /// Drops every register written by an origin `keep` refuses (the base
+    /// becomes empty if it was one of them); returns how many were dropped.
+    /// The rest is the state of the kept writes alone: merging it with the
+    /// dropped writes' own replicas gives back the whole state.
+    pub fn retain_origins(&mut self, keep: impl Fn(&NodeId) -> bool) -> usize {
+        let mut dropped = 0;
+        if self.base.val != Base::Empty && !keep(&self.base.marker.origin) {
+            self.base = Record::default().base;
+            dropped += 1;
+        }
+        let before = self.fields.len();
+        self.fields.retain(|_, r| keep(&r.marker.origin));
+        dropped + before - self.fields.len()
     }
 }
 
@@ -340,6 +379,26 @@ impl Item {
         }
     }
 
+    /// Drops what origins (counter actors) that `keep` refuses wrote;
+    /// returns how many writes (registers, entries, actors) were dropped and
+    /// `None` for the item when nothing is left of it.
+    pub fn retain_origins(self, keep: impl Fn(&NodeId) -> bool) -> (Option<Item>, usize) {
+        match self {
+            Item::Record(mut r) => {
+                let n = r.retain_origins(keep);
+                let empty = r.stamps().next().is_none();
+                ((!empty).then_some(Item::Record(r)), n)
+            }
+            Item::Log(l) if keep(&l.stamp.origin) => (Some(Item::Log(l)), 0),
+            Item::Log(_) => (None, 1),
+            Item::Counters(mut c) => {
+                let n = c.retain_actors(keep);
+                let empty = c.actors().is_empty();
+                ((!empty).then_some(Item::Counters(c)), n)
+            }
+        }
+    }
+
     /// Whether the item is a deleted record.
     pub fn is_deleted(&self) -> bool {
         matches!(self, Item::Record(r) if r.is_deleted())
@@ -405,6 +464,58 @@ pub(crate) mod tests {
         r.patch(p, stamp(3, "x"));
         assert!(!r.is_deleted());
         assert_eq!(r.document().len(), 1);
+    }
+
+    #[test]
+    fn removing_fields_of_a_deleted_record_keeps_it_deleted() {
+        let mut r = Record::default();
+        r.put(doc(&[("a", 1)]), stamp(1, "x"));
+        r.delete(stamp(2, "x"));
+        r.patch(BTreeMap::from([("a".to_string(), None)]), stamp(3, "x"));
+        assert!(r.is_deleted(), "a removal alone brings nothing back");
+        // Nor on a key never written.
+        let mut fresh = Record::default();
+        fresh.patch(BTreeMap::from([("a".to_string(), None)]), stamp(1, "x"));
+        assert!(fresh.is_deleted());
+    }
+
+    #[test]
+    fn overwrites_by_another_origin_are_observed_once() {
+        let seg = |v: &str| BTreeMap::from([("seg".to_string(), Some(Value::Str(v.into())))]);
+        let mut a = Record::default();
+        a.patch(seg("gold"), stamp(10, "city-a"));
+        let mut b = Record::default();
+        b.patch(seg("silver"), stamp(11, "city-b"));
+        let mut seen = Vec::new();
+        let mut at_parent = a.clone();
+        let mut observe = |r: &mut Record, other: &Record| {
+            r.merge_observing(other, |f, l, w| {
+                seen.push((f.to_string(), l.origin.to_string(), w.origin.to_string()))
+            })
+        };
+        assert!(observe(&mut at_parent, &b).changed);
+        // Re-delivery replaces nothing; the older value arriving late loses
+        // without replacing anything.
+        observe(&mut at_parent, &b);
+        observe(&mut at_parent, &a);
+        // The same origin rewriting its own field, or another origin
+        // writing the same value, is no overwrite.
+        let mut own = Record::default();
+        own.patch(seg("gold"), stamp(12, "city-a"));
+        let mut same = at_parent.clone();
+        let mut c = Record::default();
+        c.patch(seg("silver"), stamp(13, "city-c"));
+        observe(&mut same, &c);
+        let mut own_base = a.clone();
+        observe(&mut own_base, &own);
+        assert_eq!(
+            seen,
+            vec![(
+                "seg".to_string(),
+                "city-a".to_string(),
+                "city-b".to_string()
+            )]
+        );
     }
 
     #[test]

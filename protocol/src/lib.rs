@@ -38,6 +38,7 @@
 pub mod aggregate;
 pub mod clock;
 pub mod codec;
+pub mod conflict;
 pub mod frame;
 pub mod id;
 pub mod item;

@@ -343,9 +343,11 @@ impl Policy {
     }
 
     /// Whether items of `category` travel upward: a declared `up` category,
-    /// or the reserved category of private aggregates' counters.
+    /// or the reserved categories of private aggregates' counters and of the
+    /// conflict ledger.
     pub fn replicates_up(&self, category: &str) -> bool {
         category == crate::aggregate::COUNTERS_CATEGORY
+            || category == crate::conflict::CONFLICTS_CATEGORY
             || self
                 .categories
                 .get(category)

@@ -50,11 +50,104 @@ pub enum UplinkEvent {
         /// The acknowledged sequence number.
         seq: u64,
     },
+    /// Check that this node's changelog entry `seq` has HLC `hlc` (see
+    /// [`resume_matches`]) and call [`Uplink::resume_checked`] with the
+    /// answer and the same `epoch`.
+    CheckResume {
+        /// The parent's cursor.
+        seq: u64,
+        /// The HLC the parent holds for the entry at its cursor.
+        hlc: Hlc,
+        /// The connection epoch the answer belongs to.
+        epoch: u64,
+    },
+    /// This node's data is behind what the parent holds of it (a restore
+    /// from a backup or VM snapshot, a power cut of a `buffered` node): its
+    /// sequence numbers up to the parent's cursor were, or will be, reissued
+    /// for other changes. Take a new incarnation durably and call
+    /// [`Uplink::reincarnated`]; the parent then re-learns this node's data
+    /// by snapshot, and nothing written after the rollback is skipped.
+    Reincarnate {
+        /// What was found, for the log.
+        reason: String,
+        /// The HLC the parent holds for this node's change at its cursor:
+        /// the node's clock must move past it, so that its new changes are
+        /// later than anything of its old history the tree holds.
+        parent_hlc: Hlc,
+    },
     /// Close the connection (then reconnect with backoff).
     Close {
         /// Why, for the log.
         reason: String,
     },
+}
+
+/// Whether a child's changelog agrees with its parent's cursor `(seq, hlc)`:
+/// `entry_hlc` is the HLC of the child's entry `seq` if it still holds it,
+/// `acked_mark` the `(seq, hlc)` of the entry at the child's last trim.
+///
+/// An entry the child trimmed was acknowledged by a parent; if the parent's
+/// cursor lies below the trim point, the parent went back in time, not the
+/// child, and the child is consistent (a snapshot will refill the parent).
+/// An unknown HLC ([`Hlc::ZERO`], a cursor from before protocol 2) is
+/// trusted.
+pub fn resume_matches(
+    seq: u64,
+    hlc: Hlc,
+    entry_hlc: Option<Hlc>,
+    acked_mark: Option<(u64, Hlc)>,
+) -> bool {
+    if seq == 0 || hlc == Hlc::ZERO {
+        return true;
+    }
+    match (entry_hlc, acked_mark) {
+        (Some(h), _) => h == hlc,
+        (None, Some((a, ah))) if a == seq => ah == hlc,
+        (None, Some((a, _))) => seq < a,
+        (None, None) => false,
+    }
+}
+
+/// Where a parent got a watermark from: the child that relayed it, that
+/// child's incarnation, and the child's changelog position of the range it
+/// came with.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Relay {
+    /// The child that sent it.
+    pub child: NodeId,
+    /// The child's incarnation.
+    pub incarnation: u64,
+    /// The end of the child's changelog range it came with.
+    pub seq: u64,
+}
+
+/// Whether a watermark `new`, relayed `via`, replaces the one held (`cur`,
+/// which came `cur_via`; `None` for one stored before relays were kept).
+///
+/// What the current history of the relaying child says is the truth, even
+/// when it says less than before: a child that went back in time (restored,
+/// then reincarnated) relays what it holds now, and a parent that kept a
+/// higher claim would later claim changes the origin reissued before they
+/// arrive. Within one history of one child, a range from before (a late
+/// merge, a replay) never moves a watermark, and an origin's watermark
+/// moves forward only, or to another incarnation of the origin.
+pub fn watermark_replaces(
+    cur: Option<&Watermark>,
+    cur_via: Option<&Relay>,
+    new: &Watermark,
+    via: &Relay,
+) -> bool {
+    let Some(cur) = cur else {
+        return true;
+    };
+    let moves = cur.incarnation != new.incarnation || new.seq > cur.seq;
+    match cur_via {
+        Some(v) if v.child == via.child && v.incarnation == via.incarnation => {
+            via.seq >= v.seq && moves
+        }
+        Some(_) => cur != new,
+        None => moves,
+    }
 }
 
 /// A batch the child's driver loaded from its changelog.
@@ -89,6 +182,11 @@ pub struct UplinkConfig {
 enum UpState {
     Disconnected,
     AwaitWelcome,
+    /// The parent's cursor is being checked against this node's changelog.
+    AwaitCheck {
+        resume_from: u64,
+        resume_hlc: Hlc,
+    },
     Snapshot {
         upto: u64,
         upto_hlc: Hlc,
@@ -166,6 +264,11 @@ impl Uplink {
         matches!(self.state, UpState::Streaming | UpState::Snapshot { .. })
     }
 
+    /// This node's incarnation as announced in the next Hello.
+    pub fn incarnation(&self) -> u64 {
+        self.cfg.incarnation
+    }
+
     /// Whether the child waits for the parent to answer: a Welcome, or the
     /// acknowledgement of something sent. A driver that hears nothing for
     /// long while this holds may take the link for dead.
@@ -234,7 +337,14 @@ impl Uplink {
     pub fn handle_frame(&mut self, frame: Frame) {
         let state = self.state.clone();
         match (frame, &state) {
-            (Frame::Welcome { resume_from }, UpState::AwaitWelcome) => self.welcome(resume_from),
+            (
+                Frame::Welcome {
+                    resume_from,
+                    resume_hlc,
+                    ..
+                },
+                UpState::AwaitWelcome,
+            ) => self.welcome(resume_from, resume_hlc),
             (Frame::Refuse { reason, message }, _) => {
                 self.close(format!("parent refused this node ({reason:?}): {message}"));
             }
@@ -259,13 +369,74 @@ impl Uplink {
         }
     }
 
-    fn welcome(&mut self, resume_from: u64) {
+    fn welcome(&mut self, resume_from: u64, resume_hlc: Hlc) {
         if resume_from > self.local_last {
-            return self.close(format!(
-                "parent claims to hold this node's changes up to {resume_from}, but its changelog ends at {}",
-                self.local_last
-            ));
+            return self.behind(
+                format!(
+                    "the parent holds this node's changes up to {resume_from}, but its changelog ends at {}",
+                    self.local_last
+                ),
+                resume_hlc,
+            );
         }
+        if resume_from == 0 || resume_hlc == Hlc::ZERO {
+            return self.resume(resume_from);
+        }
+        self.state = UpState::AwaitCheck {
+            resume_from,
+            resume_hlc,
+        };
+        self.events.push_back(UplinkEvent::CheckResume {
+            seq: resume_from,
+            hlc: resume_hlc,
+            epoch: self.epoch,
+        });
+    }
+
+    /// The driver's answer to [`UplinkEvent::CheckResume`].
+    pub fn resume_checked(&mut self, epoch: u64, matches: bool) {
+        let UpState::AwaitCheck {
+            resume_from,
+            resume_hlc,
+        } = self.state
+        else {
+            return;
+        };
+        if epoch != self.epoch {
+            return;
+        }
+        if matches {
+            self.resume(resume_from);
+        } else {
+            self.behind(
+                format!(
+                    "this node's change {resume_from} differs from the one the parent holds: its data went back in time"
+                ),
+                resume_hlc,
+            );
+        }
+    }
+
+    fn behind(&mut self, reason: String, parent_hlc: Hlc) {
+        self.reset();
+        self.events
+            .push_back(UplinkEvent::Reincarnate { reason, parent_hlc });
+    }
+
+    /// The driver took the new incarnation `incarnation` durably (after
+    /// [`UplinkEvent::Reincarnate`]), with a changelog entry that records it
+    /// at a clock past the parent's: what the parent acknowledged belongs to
+    /// the old incarnation. The link closes; the next Hello announces the
+    /// new incarnation.
+    pub fn reincarnated(&mut self, incarnation: u64) {
+        self.cfg.incarnation = incarnation;
+        self.acked = 0;
+        self.close(format!(
+            "took the new incarnation {incarnation:016x}: the parent re-learns this node's data"
+        ));
+    }
+
+    fn resume(&mut self, resume_from: u64) {
         self.acked = self.acked.max(resume_from);
         if resume_from + 1 < self.retained_from {
             // The parent needs changes this node no longer keeps: catch up
@@ -464,6 +635,23 @@ pub enum DownlinkEvent {
         cursor: Option<(u64, Hlc)>,
         /// Watermarks of the child's subtree.
         watermarks: Vec<Watermark>,
+        /// Enter every item into this node's changelog, changed or not.
+        /// Set while the parent re-learns a child from scratch (its cursor
+        /// was 0 at the Welcome: a new child, a new incarnation): what the
+        /// child sends then may be what the root dropped while the child
+        /// was under another parent, and must travel on.
+        relay_all: bool,
+    },
+    /// Writes of origins outside the child's subtree were dropped from what
+    /// it sent (before the [`DownlinkEvent::Merge`] that follows): for the
+    /// log and metrics. Data a city wrote while it was under another parent
+    /// reaches the root through its current parent; a forged origin stores
+    /// nothing.
+    Dropped {
+        /// Registers, log entries, counter actors and watermarks dropped.
+        writes: usize,
+        /// Their origins.
+        origins: BTreeSet<NodeId>,
     },
     /// Close the connection.
     Close {
@@ -497,6 +685,8 @@ pub struct Downlink {
     /// What this parent durably holds of the child's changelog, as far as
     /// this link knows.
     cursor: u64,
+    /// The cursor was 0 at the Welcome: the child is re-learnt from scratch.
+    relearn: bool,
     state: DownState,
     events: VecDeque<DownlinkEvent>,
 }
@@ -510,6 +700,7 @@ impl Downlink {
             child_tier: Tier::City,
             allowed_origins: BTreeSet::new(),
             cursor: 0,
+            relearn: false,
             state: DownState::AwaitHello,
             events: VecDeque::new(),
         }
@@ -567,9 +758,10 @@ impl Downlink {
                 },
                 DownState::Open,
             ) => {
-                if let Err(why) = self.check_items(&items, now_ms, policy) {
-                    return self.refuse(RefuseReason::Violation, why);
-                }
+                let items = match self.check_items(items, now_ms, policy) {
+                    Ok(items) => items,
+                    Err(why) => return self.refuse(RefuseReason::Violation, why),
+                };
                 if after > self.cursor || last_seq < after {
                     let why = format!(
                         "batch covers ({after}, {last_seq}] but this node holds the child's changes only up to {}",
@@ -577,17 +769,19 @@ impl Downlink {
                     );
                     return self.refuse(RefuseReason::Violation, why);
                 }
-                self.complete_range(last_seq, upto_hlc, items, watermarks, now_ms, policy);
+                self.complete_range(last_seq, upto_hlc, items, watermarks, now_ms);
             }
             (Frame::SnapshotChunk { items }, DownState::Open) => {
-                if let Err(why) = self.check_items(&items, now_ms, policy) {
-                    return self.refuse(RefuseReason::Violation, why);
-                }
+                let items = match self.check_items(items, now_ms, policy) {
+                    Ok(items) => items,
+                    Err(why) => return self.refuse(RefuseReason::Violation, why),
+                };
                 self.state = DownState::Merging(Pending::Chunk);
                 self.events.push_back(DownlinkEvent::Merge {
                     items,
                     cursor: None,
                     watermarks: Vec::new(),
+                    relay_all: self.relearn,
                 });
             }
             (
@@ -598,7 +792,7 @@ impl Downlink {
                 },
                 DownState::Open,
             ) => {
-                self.complete_range(last_seq, upto_hlc, Vec::new(), watermarks, now_ms, policy);
+                self.complete_range(last_seq, upto_hlc, Vec::new(), watermarks, now_ms);
             }
             (Frame::Ping { .. }, _) => {}
             (other, state) => {
@@ -617,30 +811,38 @@ impl Downlink {
         items: Vec<WireItem>,
         watermarks: Vec<Watermark>,
         now_ms: u64,
-        policy: &Policy,
     ) {
-        if let Some(w) = watermarks
-            .iter()
-            .find(|w| !self.allowed_origins.contains(&w.origin))
-        {
-            let why = format!(
-                "watermark for {} which is not in the subtree of {}",
-                w.origin, self.peer
-            );
-            return self.refuse(RefuseReason::Violation, why);
+        let (watermarks, foreign): (Vec<Watermark>, Vec<Watermark>) = watermarks
+            .into_iter()
+            .partition(|w| self.allowed_origins.contains(&w.origin));
+        if !foreign.is_empty() {
+            self.events.push_back(DownlinkEvent::Dropped {
+                writes: foreign.len(),
+                origins: foreign.into_iter().map(|w| w.origin).collect(),
+            });
         }
-        let limit = now_ms.saturating_add(policy.limits.max_clock_skew_ms);
-        if let Some(h) = std::iter::once(upto_hlc)
-            .chain(watermarks.iter().map(|w| w.hlc))
-            .find(|h| h.physical_ms > limit)
-        {
-            return self.refuse(RefuseReason::Violation, future_msg(h, now_ms, policy));
-        }
+        // A changelog position's HLC and a watermark's time are metadata:
+        // a child whose clock runs ahead must not stop its whole subtree
+        // over them (its items' stamps are still checked). The cursor keeps
+        // the HLC as sent (it identifies the child's change); what this node
+        // claims about time is never later than its own clock.
+        let ceiling = Hlc {
+            physical_ms: now_ms,
+            logical: 0,
+        };
+        let watermarks = watermarks
+            .into_iter()
+            .map(|w| Watermark {
+                hlc: w.hlc.min(ceiling),
+                ..w
+            })
+            .collect();
         self.state = DownState::Merging(Pending::Batch(last_seq));
         self.events.push_back(DownlinkEvent::Merge {
             items,
             cursor: Some((last_seq, upto_hlc)),
             watermarks,
+            relay_all: self.relearn,
         });
     }
 
@@ -705,15 +907,20 @@ impl Downlink {
         });
     }
 
-    /// The driver's answer to [`DownlinkEvent::Accepted`]: the durable cursor.
-    pub fn cursor_loaded(&mut self, resume_from: u64) {
+    /// The driver's answer to [`DownlinkEvent::Accepted`]: the durable cursor
+    /// and the HLC of the child's change at it, at wall time `now_ms`.
+    pub fn cursor_loaded(&mut self, resume_from: u64, resume_hlc: Hlc, now_ms: u64) {
         if self.state != DownState::AwaitCursor {
             return;
         }
         self.state = DownState::Open;
         self.cursor = resume_from;
-        self.events
-            .push_back(DownlinkEvent::Send(Frame::Welcome { resume_from }));
+        self.relearn = resume_from == 0;
+        self.events.push_back(DownlinkEvent::Send(Frame::Welcome {
+            resume_from,
+            resume_hlc,
+            now_ms,
+        }));
     }
 
     /// The driver committed the last [`DownlinkEvent::Merge`] durably.
@@ -736,7 +943,20 @@ impl Downlink {
         self.child_tier
     }
 
-    fn check_items(&self, items: &[WireItem], now_ms: u64, policy: &Policy) -> Result<(), String> {
+    /// Validates received items and drops the writes of origins outside
+    /// the child's subtree (announced with [`DownlinkEvent::Dropped`]).
+    ///
+    /// Such writes are not refused: a city that moved to another parent left
+    /// its writes at its old one (in records other cities edited too), and
+    /// refusing them would stop the old parent's link for good. They reach
+    /// the root through the city's current parent; dropping them here keeps
+    /// every tier exact, and a forged origin stores nothing.
+    fn check_items(
+        &mut self,
+        items: Vec<WireItem>,
+        now_ms: u64,
+        policy: &Policy,
+    ) -> Result<Vec<WireItem>, String> {
         if items.len() > policy.limits.max_batch_items {
             return Err(format!(
                 "{} items in one batch, over the limit of {}",
@@ -744,9 +964,43 @@ impl Downlink {
                 policy.limits.max_batch_items
             ));
         }
-        items.iter().try_for_each(|w| {
-            validate_item(policy, now_ms, |o| self.allowed_origins.contains(o), w)
-        })
+        let allowed = |o: &NodeId| self.allowed_origins.contains(o);
+        let mut kept = Vec::with_capacity(items.len());
+        let mut writes = 0;
+        let mut origins = BTreeSet::new();
+        for w in items {
+            for s in w.item.stamps() {
+                if !allowed(&s.origin) {
+                    origins.insert(s.origin.clone());
+                }
+            }
+            if let Item::Counters(c) = &w.item {
+                origins.extend(c.actors().into_iter().filter(|a| !allowed(a)));
+            }
+            // Everything but the origins first: a private category or a
+            // far-future stamp refuses the link whoever claims to have
+            // written it.
+            validate_item(policy, now_ms, |_| true, &w)?;
+            let WireItem {
+                category,
+                key,
+                item,
+            } = w;
+            let (item, dropped) = item.retain_origins(allowed);
+            writes += dropped;
+            if let Some(item) = item {
+                kept.push(WireItem {
+                    category,
+                    key,
+                    item,
+                });
+            }
+        }
+        if writes > 0 {
+            self.events
+                .push_back(DownlinkEvent::Dropped { writes, origins });
+        }
+        Ok(kept)
     }
 }
 
@@ -774,7 +1028,11 @@ pub fn validate_item(
 ) -> Result<(), String> {
     let at = || format!("{}/{}", w.category, w.key);
     if w.category == crate::aggregate::COUNTERS_CATEGORY {
-        return validate_counters(policy, origin_allowed, w);
+        return validate_counters(policy, now_ms, origin_allowed, w);
+    }
+    if w.category == crate::conflict::CONFLICTS_CATEGORY {
+        crate::conflict::validate(policy, &w.key, &w.item).map_err(|e| format!("{}: {e}", at()))?;
+        return check_stamps(policy, now_ms, origin_allowed, w);
     }
     let cat = policy
         .category(&w.category)
@@ -805,6 +1063,18 @@ pub fn validate_item(
     {
         return Err(format!("{}: record state is not canonical", at()));
     }
+    check_stamps(policy, now_ms, origin_allowed, w)
+}
+
+/// Every stamp's origin is allowed and not beyond `now_ms` plus the maximum
+/// clock skew.
+fn check_stamps(
+    policy: &Policy,
+    now_ms: u64,
+    origin_allowed: impl Fn(&NodeId) -> bool,
+    w: &WireItem,
+) -> Result<(), String> {
+    let at = || format!("{}/{}", w.category, w.key);
     let limit = now_ms.saturating_add(policy.limits.max_clock_skew_ms);
     for s in w.item.stamps() {
         if !origin_allowed(&s.origin) {
@@ -826,6 +1096,7 @@ pub fn validate_item(
 /// the definition, and every actor is the sender or in its subtree.
 fn validate_counters(
     policy: &Policy,
+    now_ms: u64,
     origin_allowed: impl Fn(&NodeId) -> bool,
     w: &WireItem,
 ) -> Result<(), String> {
@@ -850,7 +1121,10 @@ fn validate_counters(
             "{at}: counters travel only for aggregates over private categories"
         ));
     }
-    if c.group.len() != compiled.dims.len() || c.measures.len() != compiled.measures.len() {
+    if c.group.len() != compiled.dims.len()
+        || c.measures != compiled.measures.len()
+        || !c.well_formed()
+    {
         return Err(format!(
             "{at}: counters do not fit the definition of {}",
             c.aggregate
@@ -860,6 +1134,12 @@ fn validate_counters(
         return Err(format!("{at}: key does not match the counters' group"));
     }
     policy.check_key(&w.key).map_err(|e| format!("{at}: {e}"))?;
+    // A share versioned in the future would overrule its city's real
+    // totals until then.
+    let limit = now_ms.saturating_add(policy.limits.max_clock_skew_ms);
+    if let Some(s) = c.shares.values().find(|s| s.version.physical_ms > limit) {
+        return Err(format!("{at}: {}", future_msg(s.version, now_ms, policy)));
+    }
     if let Some(bad) = c.actors().into_iter().find(|a| !origin_allowed(a)) {
         return Err(format!(
             "{at}: counter actor {bad} is not the sender or a node of its subtree"

@@ -287,14 +287,14 @@ impl State {
     /// The undo record of inode `ino`'s data, begun with `file`'s current
     /// size if the file has none.
     fn undo_of(&mut self, ino: u64, file: &File) -> std::io::Result<&mut DataUndo> {
-        Ok(match self.data.entry(ino) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(DataUndo {
+        match self.data.entry(ino) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(DataUndo {
                 file: file.try_clone()?,
                 durable_size: file.metadata()?.len(),
                 saved: BTreeMap::new(),
-            }),
-        })
+            })),
+        }
     }
 
     /// A file of `ino` to work on: the handle's, or a new descriptor.

@@ -157,7 +157,8 @@ impl Cluster {
     /// SIGKILL.
     pub fn kill(&mut self, id: &str) {
         if let Some(mut c) = self.procs.remove(id) {
-            let _ = c.kill();
+            // The whole group: the node and anything it runs under.
+            let _ = tiersync::process::signal_group(c.id(), tiersync::process::SIGKILL);
             let _ = c.wait();
         }
     }
@@ -174,7 +175,8 @@ impl Cluster {
                     self.log(id)
                 ),
                 None => {
-                    let _ = c.kill();
+                    let _ = tiersync::process::signal_group(c.id(), tiersync::process::SIGKILL);
+                    let _ = c.wait();
                     panic!("{id} did not stop within 30 s of SIGTERM");
                 }
             }
@@ -249,6 +251,12 @@ impl Cluster {
         })
     }
 
+    /// GET a path as text (e.g. `/metrics`).
+    pub fn get_text(&self, id: &str, path: &str) -> String {
+        let mut r = self.agent.get(&self.url(id, path)).call().expect("GET");
+        r.body_mut().read_to_string().expect("a text body")
+    }
+
     /// GET a path.
     pub fn get(&self, id: &str, path: &str) -> Reply {
         Self::reply(self.agent.get(&self.url(id, path)).call())
@@ -301,7 +309,22 @@ impl Cluster {
             let all = self.procs.keys().all(|id| {
                 let s = self.get(id, "/v1/status").body;
                 let parent = &s["links"]["parent"];
-                parent.is_null() || (parent["lag_records"] == 0 && parent["state"] == "streaming")
+                if parent.is_null() {
+                    return true;
+                }
+                if parent["lag_records"] != 0 || parent["state"] != "streaming" {
+                    return false;
+                }
+                // A child reports no lag once its snapshot is sent, before
+                // the parent has merged it: the parent's cursor says.
+                match parent["parent"].as_str() {
+                    Some(p) if self.procs.contains_key(p) => {
+                        let cursor =
+                            &self.get(p, "/v1/status").body["links"]["children"][id]["cursor"];
+                        *cursor == s["last_seq"]
+                    }
+                    _ => true,
+                }
             });
             streak = if all { streak + 1 } else { 0 };
             (streak >= 3).then_some(())
@@ -378,6 +401,7 @@ impl Cluster {
             .config
             .listen
             .peer
+            .unwrap_or_else(|| panic!("{id} has no [listen] peer (a city binds none)"))
     }
 
     /// Points node `id`'s uplink at `addr` (e.g. a fault proxy), as an
@@ -692,7 +716,7 @@ impl Drop for AckedWriter {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for (_, mut c) in std::mem::take(&mut self.procs) {
-            let _ = c.kill();
+            let _ = tiersync::process::signal_group(c.id(), tiersync::process::SIGKILL);
             let _ = c.wait();
         }
         // Unmounted once nothing has files open on them, and before the

@@ -87,3 +87,46 @@ pub fn env_count(name: &str, default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// A process started in a process group of its own (with whatever it
+/// starts, e.g. a node under `faketime`): [`ProcessGroup::stop`] sends
+/// SIGTERM to the whole group, and dropping it (a failed test too) SIGKILLs
+/// the group, so no test leaves a process behind.
+pub struct ProcessGroup {
+    child: std::process::Child,
+}
+
+impl ProcessGroup {
+    /// Spawns `cmd` as the leader of a new process group.
+    pub fn spawn(cmd: &mut std::process::Command) -> std::io::Result<Self> {
+        use std::os::unix::process::CommandExt;
+        Ok(Self {
+            child: cmd.process_group(0).spawn()?,
+        })
+    }
+
+    /// The leader's process id (= the group id).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM to the group, then waits (up to 30 s, else SIGKILL) for the
+    /// leader; returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = tiersync::process::signal_group(self.id(), tiersync::process::SIGTERM);
+        let child = &mut self.child;
+        let status = wait_for(Duration::from_secs(30), || child.try_wait().ok().flatten());
+        if status.is_none() {
+            let _ = tiersync::process::signal_group(self.id(), tiersync::process::SIGKILL);
+            let _ = self.child.wait();
+        }
+        status
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        let _ = tiersync::process::signal_group(self.id(), tiersync::process::SIGKILL);
+        let _ = self.child.wait();
+    }
+}

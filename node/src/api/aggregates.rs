@@ -187,8 +187,16 @@ pub async fn query(
     let me = st.node_id.clone();
     let def = agg.clone();
     let me_id = st.node_id.clone();
-    let (rows, relay) = blocking(move || {
+    let drill = q.drill.clone();
+    let (rows, relay, drill_known) = blocking(move || {
         let rows = store.aggregate_rows(&def)?;
+        // A node is below this one once data from it arrived here: the
+        // parent records which child relays each origin.
+        let drill_known = match drill.map(NodeId::new) {
+            Some(Ok(id)) if id != me_id => store.relay_of(&id)?.is_some(),
+            Some(_) => false,
+            None => true,
+        };
         // Which child each origin's data arrives through (for drill and `child`).
         let mut relay: BTreeMap<String, String> = BTreeMap::new();
         for (g, _) in &rows {
@@ -206,7 +214,7 @@ pub async fn query(
                 }
             }
         }
-        Ok((rows, relay))
+        Ok((rows, relay, drill_known))
     })
     .await?;
     if let Some(child) = &q.drill {
@@ -216,10 +224,9 @@ pub async fn query(
                 format!("{name} has no origin dimension to drill down by"),
             ));
         }
-        let known = NodeId::new(child.clone()).ok().is_some_and(|c| c != me);
-        if !known {
+        if !drill_known {
             return Err(ApiError::not_found(format!(
-                "{child:?} is not a node below {me}"
+                "{child:?} is not a node below {me} (no data from it has reached {me})"
             )));
         }
     }

@@ -188,6 +188,9 @@ impl From<WriteError> for ApiError {
             WriteError::TooLarge { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "item_too_large", msg)
             }
+            WriteError::Overflow(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "aggregate_overflow", msg)
+            }
             WriteError::Store(e) => e.into(),
             WriteError::Unavailable(_) => ApiError::unavailable(msg),
         }

@@ -13,9 +13,12 @@
 //! | `GET` | `/v1/records/{category}?prefix=&after=&limit=` | prefix scan, paginated |
 //! | `POST` | `/v1/records/{category}` | NDJSON bulk write |
 //! | `GET` | `/v1/customers/{id}` | unified customer view |
+//! | `GET` | `/v1/conflicts?category=&origin=&after=&limit=` | conflict ledger, overwrite counts |
 //! | `GET` | `/v1/status` | node, policy, counts, links |
 //! | `GET` | `/v1/openapi.json` | this API as OpenAPI 3 |
 //! | `GET` | `/metrics` | Prometheus text |
+//! | `GET` | `/healthz` | liveness: the process serves HTTP |
+//! | `GET` | `/readyz` | readiness: store usable, not stopping (503 otherwise) |
 //!
 //! Keys are one path segment: a key holding `/` is sent percent-encoded
 //! (`c-42%2F0001`). Request bodies are read as JSON whatever their
@@ -35,7 +38,9 @@
 //! a city does. Nothing is refused by tier; the policy is the only gate.
 
 mod aggregates;
+mod conflicts;
 pub mod error;
+pub mod openapi;
 mod records;
 mod views;
 
@@ -59,6 +64,7 @@ use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
 pub use aggregates::{AggregateInfo, AggregateResult, AggregateRow, to_csv as aggregate_csv};
+pub use conflicts::{ConflictPage, ConflictView, OverwriteView, VersionView};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use records::{BulkReport, LineError, ScanPage, WriteResult};
 pub use views::{CategoryStatus, CustomerView, RelatedItems, StatusView};
@@ -84,6 +90,8 @@ pub struct ApiState {
     /// The Prometheus recorder's handle, rendered by `GET /metrics`; `None`
     /// makes `/metrics` answer 404 `metrics_disabled`.
     pub metrics: Option<PrometheusHandle>,
+    /// Stopping flag (for `/readyz`) and config reload outcomes.
+    pub ops: Arc<crate::ops::Ops>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -113,12 +121,27 @@ impl ApiState {
             max_body_bytes,
             status: Arc::new(|| serde_json::json!({})),
             metrics: None,
+            ops: Arc::default(),
         }
     }
 
     /// The declared category `name`, or 404 `unknown_category`.
     fn category(&self, name: &str) -> Result<&Category, ApiError> {
-        Ok(self.store.policy().category(name)?)
+        let policy = self.store.policy();
+        policy.category(name).map_err(|e| match e {
+            tiersync_protocol::PolicyError::UnknownCategory(_) => {
+                let declared: Vec<&str> = policy.categories.keys().map(String::as_str).collect();
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_category",
+                    format!(
+                        "unknown category {name:?}; the policy declares: {}",
+                        declared.join(", ")
+                    ),
+                )
+            }
+            other => other.into(),
+        })
     }
 
     /// The category, after checking `key` too (400 `invalid_key`).
@@ -150,9 +173,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/customers/{id}", get(views::customer))
         .route("/v1/aggregates", get(aggregates::list))
         .route("/v1/aggregates/{name}", get(aggregates::query))
+        .route("/v1/conflicts", get(conflicts::list))
         .route("/v1/status", get(views::status))
         .route("/v1/openapi.json", get(views::openapi))
         .route("/metrics", get(views::metrics))
+        .route("/healthz", get(views::healthz))
+        .route("/readyz", get(views::readyz))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(track))
@@ -191,9 +217,12 @@ pub async fn serve(
         views::customer,
         aggregates::list,
         aggregates::query,
+        conflicts::list,
         views::status,
         views::openapi,
         views::metrics,
+        views::healthz,
+        views::readyz,
     ),
     tags(
         (name = "records", description = "Items of the policy's categories"),

@@ -272,6 +272,19 @@ pub struct ScanPage {
     pub next: Option<String>,
 }
 
+/// A page size parameter: [`DEFAULT_LIMIT`] when absent, else 1 to
+/// [`MAX_LIMIT`] (400 `invalid_query`).
+pub(super) fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be between 1 and {MAX_LIMIT}, not {limit}"),
+        ));
+    }
+    Ok(limit)
+}
+
 /// List a category's items whose key starts with `prefix`, in key order.
 #[utoipa::path(
     get,
@@ -294,13 +307,7 @@ pub async fn scan(
     ApiQuery(q): ApiQuery<ScanParams>,
 ) -> Result<Json<ScanPage>, ApiError> {
     st.category(&category)?;
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("limit must be between 1 and {MAX_LIMIT}, not {limit}"),
-        ));
-    }
+    let limit = page_limit(q.limit)?;
     let store = st.store.clone();
     blocking(move || {
         let prefix = q.prefix.unwrap_or_default();

@@ -846,11 +846,22 @@ async fn status_metrics_and_openapi() {
     let doc = n.get("/v1/openapi.json").await.json();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let mut ops = BTreeSet::new();
+    // One path per declared aggregate stands for `/v1/aggregates/{name}`.
+    let mut aggregates = 0;
     for (path, item) in doc["paths"].as_object().unwrap() {
+        let path = match path.strip_prefix("/v1/aggregates/") {
+            Some(name) => {
+                assert!(shipped_policy().aggregates.contains_key(name), "{path}");
+                aggregates += 1;
+                "/v1/aggregates/{name}".to_string()
+            }
+            None => path.clone(),
+        };
         for method in item.as_object().unwrap().keys() {
             ops.insert((path.clone(), method.to_uppercase()));
         }
     }
+    assert_eq!(aggregates, shipped_policy().aggregates.len());
     let expect: BTreeSet<(String, String)> = [
         ("/v1/records/{category}/{key}", "PUT"),
         ("/v1/records/{category}/{key}", "PATCH"),
@@ -861,9 +872,12 @@ async fn status_metrics_and_openapi() {
         ("/v1/customers/{id}", "GET"),
         ("/v1/aggregates", "GET"),
         ("/v1/aggregates/{name}", "GET"),
+        ("/v1/conflicts", "GET"),
         ("/v1/status", "GET"),
         ("/v1/openapi.json", "GET"),
         ("/metrics", "GET"),
+        ("/healthz", "GET"),
+        ("/readyz", "GET"),
     ]
     .into_iter()
     .map(|(p, m)| (p.to_string(), m.to_string()))
@@ -937,5 +951,25 @@ async fn metrics_disabled_and_default_links() {
         (s["tier"].as_str(), s["links"].clone()),
         (Some("province"), json!({}))
     );
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_stopping_flag() {
+    let ops = Arc::new(crate::ops::Ops::default());
+    let flag = ops.clone();
+    let n = start_custom(shipped_policy(), 1024, move |st| st.ops = flag).await;
+    let live = n.call("GET", "/healthz", None).await;
+    assert_eq!(live.status, 200);
+    let ready = n.call("GET", "/readyz", None).await;
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["checks"]["uplink"], "connected");
+    ops.set_stopping();
+    let stopping = n.call("GET", "/readyz", None).await;
+    assert_eq!(stopping.status, 503);
+    assert_eq!(stopping.json()["status"], "unavailable");
+    assert_eq!(stopping.json()["checks"]["shutdown"], "stopping");
+    // Liveness does not depend on it.
+    assert_eq!(n.call("GET", "/healthz", None).await.status, 200);
     n.stop().await;
 }

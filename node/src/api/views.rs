@@ -9,10 +9,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tiersync_protocol::policy::CustomerLink;
 use tiersync_protocol::{Item, Kind, Replicate, Value};
-use utoipa::{OpenApi, ToSchema};
+use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::{ApiDoc, ApiPath, ApiState, blocking};
+use super::{ApiPath, ApiState, blocking};
 use crate::json::{ItemView, item_view};
 use crate::store::Store;
 
@@ -194,12 +194,20 @@ pub struct StatusView {
     pub policy_digest: String,
     /// The last changelog sequence number.
     pub last_seq: u64,
+    /// The data directory's incarnation (16 hex digits): a new one is taken
+    /// when the node finds its data behind what its parent holds (a
+    /// restore, a power cut of a `buffered` node).
+    pub incarnation: String,
     /// Every declared category with its item count.
     pub categories: BTreeMap<String, CategoryStatus>,
     /// The parent and children links (state, lag in records and seconds,
     /// last error), as the replication layer reports them.
     #[schema(value_type = Object)]
     pub links: serde_json::Value,
+    /// The node's process id (what `tiersync reload` signals).
+    pub pid: u32,
+    /// Configuration reloads since the start and the last one's outcome.
+    pub config: crate::ops::ReloadStatus,
 }
 
 /// Node id, tier, version, item counts and replication links.
@@ -243,8 +251,11 @@ pub async fn status(State(st): State<ApiState>) -> Result<Json<StatusView>, ApiE
         version: env!("CARGO_PKG_VERSION").to_string(),
         policy_digest: policy.digest_hex(),
         last_seq,
+        incarnation: format!("{:016x}", st.store.incarnation()),
         categories,
         links: (st.status)(),
+        pid: std::process::id(),
+        config: st.ops.reload_status(),
     }))
 }
 
@@ -255,8 +266,11 @@ pub async fn status(State(st): State<ApiState>) -> Result<Json<StatusView>, ApiE
     tag = "ops",
     responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object))
 )]
-pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+pub async fn openapi(State(st): State<ApiState>) -> Json<serde_json::Value> {
+    Json(super::openapi::document(
+        st.store.policy(),
+        st.store.aggregates(),
+    ))
 }
 
 /// Prometheus metrics in the text exposition format.
@@ -277,6 +291,7 @@ pub async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiError> {
             "this node runs without a metrics recorder",
         )
     })?;
+    crate::telemetry::collect_process();
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -285,4 +300,87 @@ pub async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiError> {
         handle.render(),
     )
         .into_response())
+}
+
+/// What `/healthz` and `/readyz` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct HealthView {
+    /// `ok`, or (`/readyz` only) `unavailable`.
+    pub status: String,
+    /// `/readyz` only: each check and its result (`ok` or why not); the
+    /// uplink's state is reported but does not decide readiness, since a
+    /// node serves reads and writes with its uplink down.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub checks: BTreeMap<String, String>,
+}
+
+/// Liveness: 200 while the process serves HTTP. Restart the node if this
+/// fails.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "ops",
+    responses((status = 200, description = "The process is alive", body = HealthView))
+)]
+pub async fn healthz() -> Json<HealthView> {
+    Json(HealthView {
+        status: "ok".into(),
+        checks: BTreeMap::new(),
+    })
+}
+
+/// Readiness: 200 when the node can take reads and writes (store readable,
+/// writer running, not stopping), else 503 with the failed checks. Route
+/// traffic only to a ready node.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Ready", body = HealthView),
+        (status = 503, description = "Not ready: see `checks`", body = HealthView),
+    )
+)]
+pub async fn readyz(State(st): State<ApiState>) -> Response {
+    let mut checks = BTreeMap::new();
+    let store = st.store.clone();
+    let readable = blocking(move || Ok(store.last_seq()?)).await;
+    checks.insert(
+        "store".to_string(),
+        match readable {
+            Ok(_) => "ok".to_string(),
+            Err(e) => e.message,
+        },
+    );
+    checks.insert(
+        "writer".to_string(),
+        if st.writer.is_closed() {
+            "stopped".to_string()
+        } else {
+            "ok".to_string()
+        },
+    );
+    checks.insert(
+        "shutdown".to_string(),
+        if st.ops.stopping() {
+            "stopping".to_string()
+        } else {
+            "ok".to_string()
+        },
+    );
+    let ready = checks.values().all(|v| v == "ok");
+    let links = (st.status)();
+    if let Some(state) = links["parent"]["state"].as_str() {
+        checks.insert("uplink".to_string(), state.to_string());
+    }
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = HealthView {
+        status: if ready { "ok" } else { "unavailable" }.into(),
+        checks,
+    };
+    (code, Json(body)).into_response()
 }

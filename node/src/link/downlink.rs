@@ -119,8 +119,8 @@ pub struct DownlinkCtx {
     pub node: NodeId,
     /// Its tier.
     pub tier: Tier,
-    /// Configured children.
-    pub children: BTreeSet<NodeId>,
+    /// Configured children (a reload may swap the set).
+    pub children: Arc<arc_swap::ArcSwap<BTreeSet<NodeId>>>,
     /// Subtree claims of connected children.
     pub claims: Claims,
     /// Shared status.
@@ -223,7 +223,7 @@ async fn handle(
     match result {
         Ok(()) => info!("child link closed"),
         Err(e) => {
-            metrics::counter!("tiersync_link_errors_total", "link" => "child").increment(1);
+            metrics::counter!("tiersync_link_errors_total", "link" => "child", "peer" => id.clone()).increment(1);
             warn!(error = %e, "child link closed");
         }
     }
@@ -243,7 +243,7 @@ async fn drive(
         node: ctx.node.clone(),
         tier: ctx.tier,
         policy_digest: ctx.policy.digest(),
-        children: ctx.children.clone(),
+        children: ctx.children.load().as_ref().clone(),
     };
     let mut session = Downlink::new(cfg, peer.clone());
     let max = ctx.policy.limits.max_frame_bytes;
@@ -291,18 +291,29 @@ async fn drive(
                     incarnation = inc;
                     let store = ctx.store.clone();
                     let c = child.clone();
-                    let cursor = blocking(move || store.cursor(&c, inc)).await?;
+                    let (cursor, cursor_hlc) = blocking(move || store.cursor(&c, inc)).await?;
                     info!(resume_from = cursor, "child accepted");
                     ctx.status.child(&id, |s| {
                         s.cursor = cursor;
                         s.last_error = None;
                     });
-                    session.cursor_loaded(cursor);
+                    session.cursor_loaded(cursor, cursor_hlc, crate::now_ms());
+                }
+                DownlinkEvent::Dropped { writes, origins } => {
+                    let origins: Vec<String> = origins.iter().map(ToString::to_string).collect();
+                    warn!(
+                        writes,
+                        origins = origins.join(","),
+                        "dropped writes of nodes outside this child's subtree (a city that moved away, or a forgery); they reach this node through the city's current parent"
+                    );
+                    metrics::counter!("tiersync_link_foreign_dropped_total", "link" => "child", "peer" => id.clone())
+                        .increment(writes as u64);
                 }
                 DownlinkEvent::Merge {
                     items,
                     cursor,
                     watermarks,
+                    relay_all,
                 } => {
                     let n = items.len() as u64;
                     let mut marks: Vec<(String, u64, u64)> = watermarks
@@ -314,6 +325,8 @@ async fn drive(
                     }
                     let store = ctx.store.clone();
                     let merge = RemoteMerge {
+                        now_ms: crate::now_ms(),
+                        relay_all,
                         child: peer.clone(),
                         incarnation,
                         items,
@@ -328,7 +341,7 @@ async fn drive(
                     for (origin, seq, ms) in marks {
                         // "Everything `origin` wrote up to `seq` (at time `ms`) is here."
                         metrics::gauge!("tiersync_origin_watermark_seq", "origin" => origin.clone()).set(seq as f64);
-                        metrics::gauge!("tiersync_origin_complete_up_to_seconds", "origin" => origin).set(ms as f64 / 1000.0);
+                        metrics::gauge!("tiersync_origin_complete_up_to_timestamp_seconds", "origin" => origin).set(ms as f64 / 1000.0);
                     }
                     metrics::counter!("tiersync_merge_conflicts_total")
                         .increment(stats.conflicts as u64);

@@ -34,6 +34,8 @@ pub struct UplinkStatus {
     pub bytes_sent: u64,
     /// Connections made since start.
     pub connects: u64,
+    /// This node's clock minus the parent's, in ms, at the last handshake.
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// A child link as operators see it.
@@ -96,7 +98,7 @@ impl LinkStatus {
                     w.origin.to_string(),
                     serde_json::json!({
                         "seq": w.seq,
-                        "incarnation": w.incarnation,
+                        "incarnation": format!("{:016x}", w.incarnation),
                         "complete_up_to_ms": w.hlc.physical_ms,
                     }),
                 )

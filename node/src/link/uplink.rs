@@ -54,12 +54,22 @@ pub struct UplinkCtx {
     pub subtree: Arc<dyn Fn() -> Vec<NodeId> + Send + Sync>,
     /// Shared status.
     pub status: Arc<LinkStatus>,
+    /// How long acknowledged changelog entries are kept.
+    pub retention: Duration,
 }
 
 /// Runs the uplink until `shutdown` turns true.
 pub async fn run(ctx: UplinkCtx, mut shutdown: watch::Receiver<bool>) {
     let span = info_span!("uplink", node = %ctx.node, parent = %ctx.parent.id);
     async move {
+        match ctx.store.start_under(&ctx.parent.id, crate::now_ms()) {
+            Ok(Some(inc)) => warn!(
+                new = format!("{inc:016x}"),
+                "this node last ran under another parent: took a new incarnation, its new parent learns all of its data"
+            ),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "could not record the parent this node runs under"),
+        }
         let cfg = UplinkConfig {
             node: ctx.node.clone(),
             tier: ctx.tier,
@@ -88,7 +98,7 @@ pub async fn run(ctx: UplinkCtx, mut shutdown: watch::Receiver<bool>) {
                 Err(e) => e.to_string(),
             };
             warn!(error = %err, retry_in = ?backoff, "uplink down");
-            metrics::counter!("tiersync_link_errors_total", "link" => "parent").increment(1);
+            metrics::counter!("tiersync_link_errors_total", "link" => "parent", "peer" => ctx.parent.id.to_string()).increment(1);
             ctx.status.uplink(|s| {
                 s.state = "down".into();
                 s.last_error = Some(err);
@@ -140,7 +150,12 @@ async fn connect_and_stream(
         c = connect => c,
         _ = shutdown.changed() => return Ok(()),
     }
-    .map_err(|_| LinkError::Connect(format!("no answer from {addr} within 10 s")))?
+    .map_err(|_| {
+        LinkError::Connect(format!(
+            "no answer from parent {} at {addr} ({}) within 10 s: is parent.addr its [listen] peer, is it running, and does UDP reach it?",
+            ctx.parent.id, ctx.parent.addr
+        ))
+    })?
     .map_err(|e| LinkError::Connect(e.to_string()))?;
     let (mut send, recv) = conn.open_bi().await?;
     ctx.status.uplink(|s| {
@@ -182,11 +197,11 @@ async fn connect_and_stream(
                     };
                     let bytes = write_frame(&mut send, &frame, max).await?;
                     if matches!(frame, Frame::Batch { .. } | Frame::SnapshotChunk { .. }) {
-                        metrics::counter!("tiersync_link_batches_total", "link" => "parent")
+                        metrics::counter!("tiersync_link_batches_total", "link" => "parent", "peer" => ctx.parent.id.to_string())
                             .increment(1);
-                        metrics::counter!("tiersync_link_items_total", "link" => "parent")
+                        metrics::counter!("tiersync_link_items_total", "link" => "parent", "peer" => ctx.parent.id.to_string())
                             .increment(items as u64);
-                        metrics::counter!("tiersync_link_bytes_total", "link" => "parent")
+                        metrics::counter!("tiersync_link_bytes_total", "link" => "parent", "peer" => ctx.parent.id.to_string())
                             .increment(bytes as u64);
                         ctx.status.uplink(|s| {
                             s.batches_sent += 1;
@@ -202,24 +217,34 @@ async fn connect_and_stream(
                 }
                 UplinkEvent::LoadSnapshot { after, epoch } => {
                     let store = ctx.store.clone();
-                    let first = after.is_none();
-                    let (marks, (items, next)) = blocking(move || {
-                        // Watermarks before items: what they claim is covered
-                        // by the items read after them.
-                        let marks = if first {
-                            store.watermarks()?
-                        } else {
-                            Vec::new()
-                        };
-                        Ok((marks, store.snapshot_chunk(after.as_ref())?))
-                    })
-                    .await?;
-                    session.snapshot_loaded(epoch, items, next, marks);
+                    let chunk = blocking(move || store.snapshot_chunk(after.as_ref())).await?;
+                    session.snapshot_loaded(epoch, chunk.items, chunk.next, chunk.watermarks);
+                }
+                UplinkEvent::CheckResume { seq, hlc, epoch } => {
+                    let store = ctx.store.clone();
+                    let ok = blocking(move || store.resume_matches(seq, hlc)).await?;
+                    session.resume_checked(epoch, ok);
+                }
+                UplinkEvent::Reincarnate { reason, parent_hlc } => {
+                    let store = ctx.store.clone();
+                    let old = store.incarnation();
+                    let inc =
+                        blocking(move || store.reincarnate(parent_hlc, crate::now_ms())).await?;
+                    warn!(
+                        %reason,
+                        old = format!("{old:016x}"),
+                        new = format!("{inc:016x}"),
+                        "this node is behind its parent: took a new incarnation, the parent re-learns its data by snapshot"
+                    );
+                    metrics::counter!("tiersync_reincarnations_total").increment(1);
+                    session.reincarnated(inc);
                 }
                 UplinkEvent::Acked { seq } => {
                     let store = ctx.store.clone();
-                    blocking(move || store.trim_changelog(seq)).await?;
-                    session.trimmed(seq + 1);
+                    let cutoff = crate::now_ms().saturating_sub(ctx.retention.as_millis() as u64);
+                    store.acknowledged(seq);
+                    let retained = blocking(move || store.trim_expired(false, cutoff)).await?;
+                    session.trimmed(retained);
                 }
                 UplinkEvent::Close { reason } => {
                     conn.close(1u32.into(), reason.as_bytes());
@@ -249,6 +274,15 @@ async fn connect_and_stream(
             f = frames.recv() => match f {
                 Some(Ok(Some((frame, _)))) => {
                     heard = tokio::time::Instant::now();
+                    if let Frame::Welcome { now_ms, resume_from, .. } = &frame {
+                        check_clock(ctx, *now_ms);
+                        // The parent holds no more than its cursor (it may
+                        // have been restored): nothing above it may be
+                        // trimmed, and the snapshot decision needs the
+                        // changelog's start as it is now.
+                        ctx.store.parent_resumed(*resume_from)?;
+                        session.trimmed(ctx.store.retained_from()?);
+                    }
                     session.handle_frame(frame);
                 }
                 Some(Ok(None)) | None => return Ok(()),
@@ -268,6 +302,29 @@ async fn connect_and_stream(
                 return Ok(());
             }
         }
+    }
+}
+
+/// Compares this node's clock with the parent's (from its Welcome), as
+/// CockroachDB checks every peer against its maximum clock offset: the offset
+/// is a metric, and beyond half the policy's `max_clock_skew_ms` an error
+/// says which clock to fix before the parent starts refusing this node's
+/// stamps.
+fn check_clock(ctx: &UplinkCtx, parent_now_ms: u64) {
+    let offset = crate::now_ms() as i64 - parent_now_ms as i64;
+    let max = ctx.policy.limits.max_clock_skew_ms;
+    metrics::gauge!("tiersync_clock_offset_seconds", "peer" => ctx.parent.id.to_string())
+        .set(offset as f64 / 1000.0);
+    ctx.status.uplink(|s| s.clock_offset_ms = Some(offset));
+    if offset.unsigned_abs() > max / 2 {
+        tracing::error!(
+            offset_ms = offset,
+            max_clock_skew_ms = max,
+            parent = %ctx.parent.id,
+            "this node's clock is {} ms {} its parent's: fix its time source (NTP); beyond {max} ms ahead the parent refuses its writes",
+            offset.unsigned_abs(),
+            if offset > 0 { "ahead of" } else { "behind" },
+        );
     }
 }
 

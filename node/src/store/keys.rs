@@ -26,6 +26,13 @@ pub const META_HLC: &[u8] = b"hlc";
 pub const META_SEQ: &[u8] = b"seq";
 /// The random id of this data directory.
 pub const META_INCARNATION: &[u8] = b"incarnation";
+/// `(seq, hlc)` of the last changelog entry trimmed after a parent's
+/// acknowledgement.
+pub const META_ACKED: &[u8] = b"acked";
+/// Present once private aggregates are kept as per-city shares.
+pub const META_COUNTERS_V2: &[u8] = b"counters_v2";
+/// The parent this node last started under.
+pub const META_PARENT: &[u8] = b"parent";
 /// Present once the per-category item counts below are kept.
 pub const META_COUNTS: &[u8] = b"counts";
 /// Prefix of the live (not deleted) item count of each declared category,
@@ -53,6 +60,14 @@ pub const RELAY_PREFIX: &[u8] = b"s/";
 /// The key of an origin's relaying child.
 pub fn relay_key(origin: &tiersync_protocol::NodeId) -> Vec<u8> {
     [RELAY_PREFIX, origin.as_str().as_bytes()].concat()
+}
+
+/// Prefix of "where this origin's watermark came from" ([`tiersync_protocol::sync::Relay`]).
+pub const VIA_PREFIX: &[u8] = b"v/";
+
+/// The key of where an origin's watermark came from.
+pub fn via_key(origin: &tiersync_protocol::NodeId) -> Vec<u8> {
+    [VIA_PREFIX, origin.as_str().as_bytes()].concat()
 }
 
 /// The key of an origin's watermark.

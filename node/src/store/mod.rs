@@ -7,6 +7,8 @@
 //! [`Durability::Fsync`] the group shares one WAL fsync before any of them is
 //! acknowledged (group commit).
 
+mod conflicts;
+pub use conflicts::{ConflictPage, OverwriteExample, OverwriteSummary};
 pub mod keys;
 
 use std::collections::BTreeMap;
@@ -23,7 +25,7 @@ use tiersync_protocol::aggregate::{COUNTERS_CATEGORY, Compiled, Counters, GroupK
 use tiersync_protocol::codec::{self, CodecError};
 use tiersync_protocol::frame::{Watermark, WireItem};
 use tiersync_protocol::policy::Replicate;
-use tiersync_protocol::sync::{ItemKey, LoadedBatch};
+use tiersync_protocol::sync::{ItemKey, LoadedBatch, Relay, watermark_replaces};
 use tiersync_protocol::{
     Hlc, HlcClock, Item, Kind, LogEntry, NodeId, Policy, PolicyError, Record, Stamp, Value,
 };
@@ -64,9 +66,28 @@ pub enum StoreError {
     /// A column family is missing (should be impossible after open).
     #[error("column family {0} is missing")]
     MissingCf(&'static str),
+    /// The changelog no longer holds the entries after `after`.
+    #[error("the changelog was trimmed: entries after {after} start at {retained}")]
+    Trimmed {
+        /// The position asked for.
+        after: u64,
+        /// The first entry still held.
+        retained: u64,
+    },
+    /// An aggregate total would overflow.
+    #[error(transparent)]
+    Overflow(tiersync_protocol::aggregate::Overflow),
     /// The writer lock was poisoned by a panic in another writer.
     #[error("the store's writer lock is poisoned")]
     Poisoned,
+    /// A WAL sync failed earlier. After a failed fsync the OS may have
+    /// dropped the unsynced pages while reporting them clean, so nothing
+    /// written since can be trusted to be durable: the store takes no more
+    /// writes until the node restarts and RocksDB recovers from its WAL.
+    #[error(
+        "the store stopped taking writes after a failed WAL sync ({0}); restart the node to recover from its WAL"
+    )]
+    Stopped(String),
 }
 
 impl From<rocksdb::Error> for StoreError {
@@ -132,6 +153,10 @@ pub enum WriteError {
         /// The limit.
         max: usize,
     },
+    /// The item's contribution would push an aggregate total past what
+    /// fixed point can hold.
+    #[error(transparent)]
+    Overflow(#[from] tiersync_protocol::aggregate::Overflow),
     /// The store failed; the mutation may or may not have been written, and is
     /// not acknowledged.
     #[error(transparent)]
@@ -230,6 +255,12 @@ pub enum Change {
     /// A node of the subtree became complete up to a point; relayed upward
     /// with the data so every tier knows how complete it is.
     Watermark(Watermark),
+    /// This node took a new incarnation ([`Store::reincarnate`]); nothing
+    /// travels for it, but its HLC dates the start of the new history.
+    Reincarnated {
+        /// The new incarnation.
+        incarnation: u64,
+    },
 }
 
 /// One changelog entry.
@@ -246,7 +277,7 @@ impl ChangeEntry {
     pub fn item(&self) -> Option<(&str, &str)> {
         match &self.change {
             Change::Item { category, key } => Some((category, key)),
-            Change::Watermark(_) => None,
+            Change::Watermark(_) | Change::Reincarnated { .. } => None,
         }
     }
 }
@@ -265,6 +296,11 @@ pub struct RemoteMerge {
     pub cursor: Option<(u64, Hlc)>,
     /// Watermarks relayed from the child's subtree.
     pub watermarks: Vec<Watermark>,
+    /// The wall clock when it is merged (the changelog entries' HLC).
+    pub now_ms: u64,
+    /// Enter every item into the changelog, changed or not
+    /// ([`tiersync_protocol::sync::DownlinkEvent::Merge`]).
+    pub relay_all: bool,
 }
 
 /// What a remote merge did.
@@ -278,12 +314,48 @@ pub struct MergeStats {
     pub conflicts: usize,
 }
 
-/// A durable per-child cursor: the child's incarnation and the last of its
-/// sequence numbers merged here.
+/// A durable per-child cursor: the child's incarnation, the last of its
+/// sequence numbers merged here and the HLC of that change (which lets a
+/// child that went back in time notice that it reissued the number).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct Cursor {
     incarnation: u64,
     seq: u64,
+    hlc: Hlc,
+}
+
+/// A cursor as stored before it kept the HLC.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct CursorV1 {
+    incarnation: u64,
+    seq: u64,
+}
+
+impl Cursor {
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        decode::<Cursor>(CF_CURSORS, bytes).or_else(|e| {
+            // An HLC of zero means "unknown": the child trusts the number.
+            decode::<CursorV1>(CF_CURSORS, bytes)
+                .map(|c| Cursor {
+                    incarnation: c.incarnation,
+                    seq: c.seq,
+                    hlc: Hlc::ZERO,
+                })
+                .map_err(|_| e)
+        })
+    }
+}
+
+/// A chunk of a snapshot catch-up ([`Store::snapshot_chunk`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotChunk {
+    /// `up` items in key order.
+    pub items: Vec<WireItem>,
+    /// The key to continue after; `None` when the snapshot is complete.
+    pub next: Option<ItemKey>,
+    /// With the first chunk: the watermarks, read before any item, so that
+    /// what they claim is covered by the items read after them.
+    pub watermarks: Vec<Watermark>,
 }
 
 /// A page of a prefix scan.
@@ -313,7 +385,11 @@ pub struct Store {
     db: DB,
     policy: Arc<Policy>,
     durability: Durability,
-    incarnation: u64,
+    /// The data directory's current incarnation (a new one is taken when
+    /// the parent holds more of this node than its disk does).
+    incarnation: AtomicU64,
+    /// Set when a WAL sync failed: the store takes no more writes.
+    stopped: std::sync::OnceLock<String>,
     /// This node (the actor of its private aggregates' counters).
     node: NodeId,
     /// The policy's aggregates, parsed once.
@@ -325,6 +401,11 @@ pub struct Store {
     /// uplink asks for it on every event, and finding the first live key
     /// behind many range deletions costs more the longer a node runs.
     trimmed_upto: AtomicU64,
+    /// What the parent holds of this node's changelog, as far as this
+    /// process knows: entries above it are never trimmed.
+    acked: AtomicU64,
+    /// Serializes trims with resets of `acked`.
+    trim_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -422,7 +503,8 @@ impl Store {
             db,
             policy,
             durability,
-            incarnation,
+            incarnation: AtomicU64::new(incarnation),
+            stopped: std::sync::OnceLock::new(),
             node: node.clone(),
             aggs,
             writer: Mutex::new(WriterState {
@@ -432,6 +514,8 @@ impl Store {
             }),
             committed: watch::channel((0, Hlc::ZERO)).0,
             trimmed_upto: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            trim_lock: Mutex::new(()),
         };
         let first_live = store
             .db
@@ -441,19 +525,50 @@ impl Store {
             .and_then(|(k, _)| parse_seq(&k));
         // The changelog is contiguous: everything below its first entry (or
         // all of it, when it is empty) was trimmed.
-        store.trimmed_upto.store(
-            first_live.map_or(last_seq, |f| f.saturating_sub(1)),
-            Ordering::SeqCst,
-        );
+        let trimmed = first_live.map_or(last_seq, |f| f.saturating_sub(1));
+        store.trimmed_upto.store(trimmed, Ordering::SeqCst);
+        // Only what a parent acknowledged was ever trimmed.
+        store.acked.store(trimmed, Ordering::SeqCst);
+        store.migrate_counters()?;
         store.rebuild_changed_aggregates()?;
         store.load_counts()?;
         let (last_seq, hlc) = {
             let st = store.lock()?;
             (st.last_seq, st.clock.last())
         };
-        let last_hlc = store.hlc_of(last_seq)?.unwrap_or(hlc);
+        // The HLC of the last change, also when it was trimmed: a parent's
+        // cursor is checked against it (`resume_matches`).
+        let mark = store
+            .db
+            .get_pinned_cf(store.cf(CF_META)?, META_ACKED)?
+            .map(|b| decode::<(u64, Hlc)>(CF_META, &b))
+            .transpose()?
+            .filter(|(s, _)| *s == last_seq)
+            .map(|(_, h)| h);
+        let last_hlc = store.hlc_of(last_seq)?.or(mark).unwrap_or(hlc);
         store.committed.send_replace((last_seq, last_hlc));
         Ok(store)
+    }
+
+    /// A store written when private aggregates were grow-only counters (which
+    /// a wiped city could not reset) drops them; each aggregate is rebuilt
+    /// from the node's own data, and its children send theirs again.
+    fn migrate_counters(&self) -> Result<(), StoreError> {
+        let meta = self.cf(CF_META)?;
+        if self.db.get_pinned_cf(meta, META_COUNTERS_V2)?.is_some() {
+            return Ok(());
+        }
+        let mut b = WriteBatch::default();
+        let from = data_key(COUNTERS_CATEGORY, "");
+        let mut to = COUNTERS_CATEGORY.as_bytes().to_vec();
+        to.push(1);
+        b.delete_range_cf(self.cf(CF_DATA)?, from, to);
+        for agg in self.aggs.iter().filter(|a| self.source_is_private(a)) {
+            b.delete_cf(meta, format!("agg/{}", agg.name).as_bytes());
+        }
+        b.put_cf(meta, META_COUNTERS_V2, []);
+        self.db.write_opt(b, &sync_opts())?;
+        Ok(())
     }
 
     /// Loads the item counts; a store written before they were kept is
@@ -524,20 +639,133 @@ impl Store {
         Ok(staged)
     }
 
-    /// The random id of this data directory, fixed at creation.
+    /// The random id of this data directory's history: set at creation and
+    /// replaced by [`Store::reincarnate`].
     pub fn incarnation(&self) -> u64 {
-        self.incarnation
+        self.incarnation.load(Ordering::SeqCst)
+    }
+
+    /// Takes a new random incarnation, durably. Called when the parent holds
+    /// changes of this node that its disk no longer has (restored from a
+    /// backup, a `buffered` node after a power cut): the sequence numbers
+    /// were reissued, so the parent's cursor for the old incarnation must not
+    /// be used, and the parent re-learns this node's data by snapshot.
+    ///
+    /// The clock first moves past `parent_hlc` (what the parent holds of
+    /// this node's old history), and a changelog entry records the new
+    /// incarnation, in the same synced batch: so the new history starts
+    /// later than anything of the old one, and the watermark the parent
+    /// records for it replaces the old incarnation's.
+    pub fn reincarnate(&self, parent_hlc: Hlc, now_ms: u64) -> Result<u64, StoreError> {
+        let mut state = self.lock()?;
+        self.check_running()?;
+        let inc: u64 = rand::random();
+        let mut clock = state.clock.clone();
+        clock.observe(parent_hlc);
+        let hlc = clock.tick(now_ms).hlc;
+        let seq = state.last_seq + 1;
+        let entry = ChangeEntry {
+            change: Change::Reincarnated { incarnation: inc },
+            hlc,
+        };
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(CF_META)?, META_INCARNATION, encode(CF_META, &inc)?);
+        b.put_cf(
+            self.cf(CF_CHANGELOG)?,
+            seq_key(seq),
+            encode(CF_CHANGELOG, &entry)?,
+        );
+        // This node's private aggregate shares now count for the new
+        // incarnation: written again, they travel up and replace the old.
+        let mut seq = seq;
+        let mut pending = AggPending::default();
+        let page = self.scan(COUNTERS_CATEGORY, "", None, usize::MAX, true)?;
+        for (key, item) in page.items {
+            if let Item::Counters(mut c) = item
+                && c.shares.contains_key(&self.node)
+            {
+                let values = c.value_of(&self.node);
+                c.set(&self.node, values, hlc, inc);
+                pending.counters.insert(key, c);
+            }
+        }
+        self.flush_aggregates(&mut b, pending, &mut seq, hlc)?;
+        b.put_cf(self.cf(CF_META)?, META_SEQ, encode(CF_META, &seq)?);
+        b.put_cf(self.cf(CF_META)?, META_HLC, encode(CF_META, &clock.last())?);
+        self.db.write_opt(b, &sync_opts())?;
+        state.clock = clock;
+        state.last_seq = seq;
+        self.incarnation.store(inc, Ordering::SeqCst);
+        self.committed.send_replace((seq, hlc));
+        Ok(inc)
+    }
+
+    /// Records that this node starts under `parent`. If it last ran under
+    /// another one (it moved, or its data was restored from before a move),
+    /// it takes a new incarnation ([`Store::reincarnate`]) and returns it:
+    /// the new parent then learns all of its data by snapshot, and relays
+    /// it on even where it held it before.
+    pub fn start_under(&self, parent: &NodeId, now_ms: u64) -> Result<Option<u64>, StoreError> {
+        let meta = self.cf(CF_META)?;
+        let before = self
+            .db
+            .get_pinned_cf(meta, META_PARENT)?
+            .map(|b| b.to_vec());
+        if before.as_deref() == Some(parent.as_str().as_bytes()) {
+            return Ok(None);
+        }
+        let inc = match before {
+            Some(_) => Some(self.reincarnate(Hlc::ZERO, now_ms)?),
+            None => None,
+        };
+        self.db
+            .put_cf_opt(meta, META_PARENT, parent.as_str(), &sync_opts())?;
+        Ok(inc)
+    }
+
+    /// Whether this node's changelog agrees with a parent's cursor: its
+    /// entry `seq` (or the last trimmed one) has the HLC `hlc`
+    /// ([`tiersync_protocol::sync::resume_matches`]).
+    pub fn resume_matches(&self, seq: u64, hlc: Hlc) -> Result<bool, StoreError> {
+        let mark = self
+            .db
+            .get_pinned_cf(self.cf(CF_META)?, META_ACKED)?
+            .map(|b| decode::<(u64, Hlc)>(CF_META, &b))
+            .transpose()?;
+        Ok(tiersync_protocol::sync::resume_matches(
+            seq,
+            hlc,
+            self.hlc_of(seq)?,
+            mark,
+        ))
+    }
+
+    /// Why the store takes no more writes, if it stopped.
+    pub fn stopped(&self) -> Option<&str> {
+        self.stopped.get().map(String::as_str)
+    }
+
+    fn check_running(&self) -> Result<(), StoreError> {
+        match self.stopped.get() {
+            Some(why) => Err(StoreError::Stopped(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// A sync failed: from now on nothing is written or acknowledged.
+    fn stop(&self, why: &str) {
+        if self.stopped.set(why.to_string()).is_ok() {
+            tracing::error!(
+                error = %why,
+                "WAL sync failed: this node takes no more writes; restart it to recover from its WAL"
+            );
+            metrics::counter!("tiersync_store_sync_failures_total").increment(1);
+        }
     }
 
     /// Watches the last committed sequence number (and its HLC).
     pub fn subscribe(&self) -> watch::Receiver<(u64, Hlc)> {
         self.committed.subscribe()
-    }
-
-    fn sync_if_durable(&self) -> WriteOptions {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(self.durability == Durability::Fsync);
-        wo
     }
 
     /// The policy in force.
@@ -576,6 +804,7 @@ impl Store {
         now_ms: u64,
     ) -> Result<Vec<Result<Applied, WriteError>>, StoreError> {
         let mut state = self.lock()?;
+        self.check_running()?;
         let mut results: Vec<Result<Applied, WriteError>> = mutations
             .into_iter()
             .map(|m| self.apply_one(&mut state, m, now_ms))
@@ -586,17 +815,20 @@ impl Store {
         if wrote && crate::failpoints::fires("store-after-append") {
             crate::failpoints::crash("store-after-append");
         }
-        if wrote
+        // An append repeated with the same content writes nothing, but its
+        // Ok says the entry is durable: the group is synced whenever it
+        // holds any accepted mutation.
+        let accepted = results.iter().any(Result::is_ok);
+        if accepted
             && self.durability == Durability::Fsync
-            && let Err(e) = self.db.flush_wal(true)
+            && let Err(msg) = self.sync_wal()
         {
-            let msg = e.to_string();
+            self.stop(&msg);
             for r in &mut results {
                 if r.is_ok() {
-                    *r = Err(WriteError::Store(StoreError::from(e.clone())));
+                    *r = Err(WriteError::Store(StoreError::Stopped(msg.clone())));
                 }
             }
-            tracing::error!(error = %msg, "WAL sync failed; the group is not acknowledged");
             return Ok(results);
         }
         if wrote && crate::failpoints::fires("store-after-sync") {
@@ -607,6 +839,15 @@ impl Store {
                 .send_replace((state.last_seq, state.clock.last()));
         }
         Ok(results)
+    }
+
+    /// Syncs the WAL (`store-sync-error`: a fail point makes it fail, as a
+    /// disk that reports EIO on fsync would).
+    fn sync_wal(&self) -> Result<(), String> {
+        if crate::failpoints::fires("store-sync-error") {
+            return Err("fsync: Input/output error (fail point store-sync-error)".into());
+        }
+        self.db.flush_wal(true).map_err(|e| e.to_string())
     }
 
     fn apply_one(
@@ -684,7 +925,11 @@ impl Store {
         let mut seq = state.last_seq + 1;
         let mut batch = WriteBatch::default();
         let mut aggs = AggPending::default();
-        self.account(&mut aggs, &category, old.as_ref(), Some(&item))?;
+        self.account(&mut aggs, &category, old.as_ref(), Some(&item), stamp.hlc)
+            .map_err(|e| match e {
+                StoreError::Overflow(o) => WriteError::Overflow(o),
+                other => WriteError::Store(other),
+            })?;
         let counts = match live_delta(old.as_ref(), &item) {
             0 => Vec::new(),
             d => self.stage_counts(state, &mut batch, BTreeMap::from([(category.clone(), d)]))?,
@@ -809,26 +1054,104 @@ impl Store {
         Ok(self.trimmed_upto.load(Ordering::SeqCst) + 1)
     }
 
+    /// What the parent acknowledged of this node's changelog, as far as this
+    /// process knows (at least everything trimmed).
+    pub fn acked_seq(&self) -> u64 {
+        self.acked.load(Ordering::SeqCst)
+    }
+
+    /// The parent acknowledged this node's changes up to `seq`.
+    pub fn acknowledged(&self, seq: u64) {
+        self.acked.fetch_max(seq, Ordering::SeqCst);
+    }
+
+    /// The parent (re)started its link at `seq`: it holds no more than
+    /// that, whatever it acknowledged before (it may have been restored), so
+    /// nothing above `seq` may be trimmed until it acknowledges again.
+    pub fn parent_resumed(&self, seq: u64) -> Result<(), StoreError> {
+        let _trim = self.trim_lock.lock().map_err(|_| StoreError::Poisoned)?;
+        self.acked.store(seq, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Trims the changelog entries older than `cutoff_ms` that the parent
+    /// acknowledged (all of them at a node without a parent, `root`).
+    /// Returns the new first retained sequence number.
+    pub fn trim_expired(&self, root: bool, cutoff_ms: u64) -> Result<u64, StoreError> {
+        let _trim = self.trim_lock.lock().map_err(|_| StoreError::Poisoned)?;
+        let bound = if root {
+            self.last_seq()?
+        } else {
+            self.acked.load(Ordering::SeqCst)
+        };
+        let from = self.retained_from()?;
+        let mut upto = None;
+        for kv in self.db.iterator_cf(
+            self.cf(CF_CHANGELOG)?,
+            IteratorMode::From(&seq_key(from), Direction::Forward),
+        ) {
+            let (k, v) = kv?;
+            let Some(seq) = parse_seq(&k) else { continue };
+            let entry: ChangeEntry = decode(CF_CHANGELOG, &v)?;
+            if seq > bound || entry.hlc.physical_ms >= cutoff_ms {
+                break;
+            }
+            upto = Some(seq);
+        }
+        if let Some(upto) = upto {
+            self.trim_changelog(upto)?;
+        }
+        self.retained_from()
+    }
+
     /// Removes changelog entries at or below `upto` (the parent acknowledged
     /// them). Never trims past the last sequence number.
-    pub fn trim_changelog(&self, upto: u64) -> Result<(), StoreError> {
+    fn trim_changelog(&self, upto: u64) -> Result<(), StoreError> {
         let upto = upto.min(self.last_seq()?);
         let from = self.retained_from()?;
         if upto < from {
             return Ok(());
         }
         let mut b = WriteBatch::default();
+        // What the trimmed end was: a parent whose cursor is here can still
+        // be checked against this node's history (`resume_matches`).
+        if let Some(hlc) = self.hlc_of(upto)? {
+            b.put_cf(
+                self.cf(CF_META)?,
+                META_ACKED,
+                encode(CF_META, &(upto, hlc))?,
+            );
+        }
         b.delete_range_cf(self.cf(CF_CHANGELOG)?, seq_key(from), seq_key(upto + 1));
         self.db.write_opt(b, &WriteOptions::default())?;
         self.trimmed_upto.fetch_max(upto, Ordering::SeqCst);
         Ok(())
     }
 
+    /// A consistent view of what is durable: taken while no write group is
+    /// between its write and its sync (the writer lock is held from a
+    /// group's first write through its WAL sync), so with
+    /// `Durability::Fsync` everything it shows survives a power cut. What
+    /// replication ships is read from such a view only: a parent must never
+    /// hold a change its child can lose, or the child would reissue the
+    /// change's sequence number for another change after a power cut.
+    fn durable_view(&self) -> Result<rocksdb::Snapshot<'_>, StoreError> {
+        let _writer = self.lock()?;
+        Ok(self.db.snapshot())
+    }
+
     /// Loads the next replication batch after `after`: changelog entries in
     /// order, coalesced by key, `up` categories only (private items never
     /// leave), with the current state of each item, bounded by the policy's
-    /// batch and frame limits.
+    /// batch and frame limits. Reads only what is durable.
     pub fn load_batch(&self, after: u64) -> Result<LoadedBatch, StoreError> {
+        let view = self.durable_view()?;
+        // A batch must never skip entries: if the range after `after` was
+        // trimmed, the parent needs a snapshot, not the entries after the gap.
+        let retained = self.retained_from()?;
+        if after.saturating_add(1) < retained {
+            return Err(StoreError::Trimmed { after, retained });
+        }
         let limits = &self.policy.limits;
         let byte_budget = limits.max_frame_bytes / 2;
         let mut seen = std::collections::HashSet::new();
@@ -837,7 +1160,7 @@ impl Store {
         let mut bytes = 0usize;
         let mut last = (after, Hlc::ZERO);
         let start = seq_key(after.saturating_add(1));
-        for kv in self.db.iterator_cf(
+        for kv in view.iterator_cf(
             self.cf(CF_CHANGELOG)?,
             IteratorMode::From(&start, Direction::Forward),
         ) {
@@ -851,9 +1174,8 @@ impl Store {
                         if items.len() >= limits.max_batch_items {
                             break;
                         }
-                        let raw = self
-                            .db
-                            .get_pinned_cf(self.cf(CF_DATA)?, data_key(&category, &key))?;
+                        let raw =
+                            view.get_pinned_cf(self.cf(CF_DATA)?, data_key(&category, &key))?;
                         if let Some(raw) = raw {
                             // The stored encoding's size, without encoding again.
                             let size = raw.len() + category.len() + key.len() + 16;
@@ -874,6 +1196,7 @@ impl Store {
                 Change::Watermark(w) => {
                     marks.insert(w.origin.clone(), w);
                 }
+                Change::Reincarnated { .. } => {}
             }
             last = (seq, entry.hlc);
         }
@@ -886,12 +1209,15 @@ impl Store {
     }
 
     /// Loads the next chunk of `up` items after `after` (from the start when
-    /// `None`), for snapshot catch-up. Returns the items and the key to
-    /// continue after, `None` when done.
-    pub fn snapshot_chunk(
-        &self,
-        after: Option<&ItemKey>,
-    ) -> Result<(Vec<WireItem>, Option<ItemKey>), StoreError> {
+    /// `None`), for snapshot catch-up, from a durable view. Returns the
+    /// items, the key to continue after (`None` when done) and, with the
+    /// first chunk, the watermarks as they were before any item was read.
+    pub fn snapshot_chunk(&self, after: Option<&ItemKey>) -> Result<SnapshotChunk, StoreError> {
+        let view = self.durable_view()?;
+        let watermarks = match after {
+            None => self.watermarks_in(&view)?,
+            Some(_) => Vec::new(),
+        };
         let limits = &self.policy.limits;
         let byte_budget = limits.max_frame_bytes / 2;
         let start = match after {
@@ -904,7 +1230,7 @@ impl Store {
         };
         let mut items: Vec<WireItem> = Vec::new();
         let mut bytes = 0usize;
-        for kv in self.db.iterator_cf(
+        for kv in view.iterator_cf(
             self.cf(CF_DATA)?,
             IteratorMode::From(&start, Direction::Forward),
         ) {
@@ -920,7 +1246,11 @@ impl Store {
                 || (bytes + v.len() > byte_budget && !items.is_empty())
             {
                 let next = items.last().map(|w| (w.category.clone(), w.key.clone()));
-                return Ok((items, next));
+                return Ok(SnapshotChunk {
+                    items,
+                    next,
+                    watermarks,
+                });
             }
             bytes += v.len();
             items.push(WireItem {
@@ -929,28 +1259,37 @@ impl Store {
                 item: decode(CF_DATA, &v)?,
             });
         }
-        Ok((items, None))
+        Ok(SnapshotChunk {
+            items,
+            next: None,
+            watermarks,
+        })
     }
 
-    /// The durable cursor of `child` for `incarnation` (0 when unknown or
-    /// when the child's data directory changed).
-    pub fn cursor(&self, child: &NodeId, incarnation: u64) -> Result<u64, StoreError> {
+    /// The durable cursor of `child` for `incarnation` and the HLC of the
+    /// child's change at it (`(0, ZERO)` when unknown or when the child's
+    /// incarnation changed).
+    pub fn cursor(&self, child: &NodeId, incarnation: u64) -> Result<(u64, Hlc), StoreError> {
         let key = cursor_key(child);
         let cur = self
             .db
             .get_pinned_cf(self.cf(CF_CURSORS)?, key)?
-            .map(|b| decode::<Cursor>(CF_CURSORS, &b))
+            .map(|b| Cursor::decode(&b))
             .transpose()?;
         Ok(cur
             .filter(|c| c.incarnation == incarnation)
-            .map_or(0, |c| c.seq))
+            .map_or((0, Hlc::ZERO), |c| (c.seq, c.hlc)))
     }
 
     /// Every completeness watermark this node holds, by origin.
     pub fn watermarks(&self) -> Result<Vec<Watermark>, StoreError> {
+        self.watermarks_in(&self.db.snapshot())
+    }
+
+    fn watermarks_in(&self, view: &rocksdb::Snapshot<'_>) -> Result<Vec<Watermark>, StoreError> {
         let mut out = Vec::new();
         let prefix = WATERMARK_PREFIX;
-        for kv in self.db.iterator_cf(
+        for kv in view.iterator_cf(
             self.cf(CF_CURSORS)?,
             IteratorMode::From(prefix, Direction::Forward),
         ) {
@@ -969,6 +1308,7 @@ impl Store {
     /// the parent acknowledge the batch.
     pub fn merge_remote(&self, m: RemoteMerge) -> Result<MergeStats, StoreError> {
         let mut state = self.lock()?;
+        self.check_running()?;
         let mut clock = state.clock.clone();
         let mut seq = state.last_seq;
         let mut batch = WriteBatch::default();
@@ -980,10 +1320,19 @@ impl Store {
         // Later items of one batch see earlier ones (a hostile child may repeat a key).
         let mut pending: BTreeMap<(String, String), Item> = BTreeMap::new();
         let mut live: BTreeMap<String, i64> = BTreeMap::new();
-        for w in m.items {
-            for s in w.item.stamps() {
-                clock.observe(s.hlc);
-            }
+        // One fresh HLC for every entry of this merge, past every stamp it
+        // brings: a child checks its parent's cursor by the HLC of the
+        // entry at it, so a reissued number must not get the same one.
+        for s in m.items.iter().flat_map(|w| w.item.stamps()) {
+            clock.observe(s.hlc);
+        }
+        let entry_hlc = clock.tick(m.now_ms).hlc;
+        // Received items, then the ledger entries of the conflicts they
+        // bring (merged like received items, so a re-delivered conflict or
+        // one already relayed from below changes nothing).
+        let mut queue: std::collections::VecDeque<WireItem> = m.items.into();
+        let mut overwrites = conflicts::Overwrites::default();
+        while let Some(w) = queue.pop_front() {
             let k = (w.category, w.key);
             let current = match pending.remove(&k) {
                 Some(item) => Some(item),
@@ -992,7 +1341,9 @@ impl Store {
             let old = current.clone();
             let (merged, out) = match current {
                 Some(mut mine) => {
-                    let out = mine.merge(&w.item);
+                    let (out, ledger) =
+                        self.merge_noting(&k.0, &k.1, &mut mine, &w.item, &mut overwrites);
+                    queue.extend(ledger);
                     (mine, out)
                 }
                 None => (
@@ -1009,23 +1360,28 @@ impl Store {
             }
             if out.changed {
                 stats.changed += 1;
-                self.account(&mut aggs, &k.0, old.as_ref(), Some(&merged))?;
+                self.account(&mut aggs, &k.0, old.as_ref(), Some(&merged), entry_hlc)?;
                 match live_delta(old.as_ref(), &merged) {
                     0 => {}
                     d => *live.entry(k.0.clone()).or_default() += d,
                 }
-                seq += 1;
                 batch.put_cf(
                     self.cf(CF_DATA)?,
                     data_key(&k.0, &k.1),
                     encode(CF_DATA, &merged)?,
                 );
+            }
+            // While a child is re-learnt from scratch, what it sends travels
+            // on even when this node held it: the root may have dropped it
+            // while the child was under another parent.
+            if out.changed || m.relay_all {
+                seq += 1;
                 let entry = ChangeEntry {
                     change: Change::Item {
                         category: k.0.clone(),
                         key: k.1.clone(),
                     },
-                    hlc: clock.last(),
+                    hlc: entry_hlc,
                 };
                 batch.put_cf(
                     self.cf(CF_CHANGELOG)?,
@@ -1037,10 +1393,20 @@ impl Store {
         }
         let mut marks = m.watermarks;
         if let Some((cseq, chlc)) = m.cursor {
-            let old = self.cursor(&m.child, m.incarnation)?;
-            let new = Cursor {
-                incarnation: m.incarnation,
-                seq: old.max(cseq),
+            let (old, old_hlc) = self.cursor(&m.child, m.incarnation)?;
+            // A replayed range below the cursor leaves it (and its HLC) alone.
+            let new = if cseq >= old {
+                Cursor {
+                    incarnation: m.incarnation,
+                    seq: cseq,
+                    hlc: chlc,
+                }
+            } else {
+                Cursor {
+                    incarnation: m.incarnation,
+                    seq: old,
+                    hlc: old_hlc,
+                }
             };
             batch.put_cf(
                 self.cf(CF_CURSORS)?,
@@ -1054,6 +1420,11 @@ impl Store {
                 hlc: chlc,
             });
         }
+        let via = Relay {
+            child: m.child.clone(),
+            incarnation: m.incarnation,
+            seq: m.cursor.map_or(0, |c| c.0),
+        };
         for w in marks {
             // Which child relays for each node of its subtree (for drill-down).
             batch.put_cf(self.cf(CF_CURSORS)?, relay_key(&w.origin), m.child.as_str());
@@ -1063,13 +1434,22 @@ impl Store {
                 .get_pinned_cf(self.cf(CF_CURSORS)?, &key)?
                 .map(|b| decode(CF_CURSORS, &b))
                 .transpose()?;
-            let newer = cur.is_none_or(|c| c.incarnation != w.incarnation || w.seq > c.seq);
-            if newer {
+            let cur_via: Option<Relay> = self
+                .db
+                .get_pinned_cf(self.cf(CF_CURSORS)?, via_key(&w.origin))?
+                .map(|b| decode(CF_CURSORS, &b))
+                .transpose()?;
+            if watermark_replaces(cur.as_ref(), cur_via.as_ref(), &w, &via) {
+                batch.put_cf(
+                    self.cf(CF_CURSORS)?,
+                    via_key(&w.origin),
+                    encode(CF_CURSORS, &via)?,
+                );
                 batch.put_cf(self.cf(CF_CURSORS)?, &key, encode(CF_CURSORS, &w)?);
                 seq += 1;
                 let entry = ChangeEntry {
                     change: Change::Watermark(w),
-                    hlc: clock.last(),
+                    hlc: entry_hlc,
                 };
                 batch.put_cf(
                     self.cf(CF_CHANGELOG)?,
@@ -1078,14 +1458,21 @@ impl Store {
                 );
             }
         }
-        self.flush_aggregates(&mut batch, aggs, &mut seq, clock.last())?;
+        self.flush_aggregates(&mut batch, aggs, &mut seq, entry_hlc)?;
+        self.stage_overwrites(&mut batch, &overwrites)?;
         let counts = self.stage_counts(&state, &mut batch, live)?;
         batch.put_cf(self.cf(CF_META)?, META_SEQ, encode(CF_META, &seq)?);
         batch.put_cf(self.cf(CF_META)?, META_HLC, encode(CF_META, &clock.last())?);
         if crate::failpoints::fires("store-mid-merge") {
             crate::failpoints::crash("store-mid-merge");
         }
-        self.db.write_opt(batch, &self.sync_if_durable())?;
+        self.db.write_opt(batch, &WriteOptions::default())?;
+        if self.durability == Durability::Fsync
+            && let Err(e) = self.sync_wal()
+        {
+            self.stop(&e);
+            return Err(StoreError::Stopped(e));
+        }
         let changed_log = seq != state.last_seq;
         state.clock = clock;
         state.last_seq = seq;
@@ -1093,6 +1480,7 @@ impl Store {
         if changed_log {
             self.committed.send_replace((seq, state.clock.last()));
         }
+        overwrites.publish();
         Ok(stats)
     }
 
@@ -1117,6 +1505,7 @@ impl Store {
         category: &str,
         old: Option<&Item>,
         new: Option<&Item>,
+        version: Hlc,
     ) -> Result<(), StoreError> {
         for (i, agg) in self
             .aggs
@@ -1144,7 +1533,8 @@ impl Store {
                         pending.counters.insert(key.clone(), cur);
                     }
                     if let Some(c) = pending.counters.get_mut(&key) {
-                        c.add(&self.node, &delta);
+                        c.add(&self.node, &delta, version, self.incarnation())
+                            .map_err(StoreError::Overflow)?;
                     }
                 } else {
                     let key = agg_row_key(agg, &group)?;
@@ -1154,7 +1544,16 @@ impl Store {
                             .agg_row(&key)?
                             .unwrap_or_else(|| vec![0; agg.measures.len()]),
                     };
-                    let row: Vec<i128> = row.iter().zip(&delta).map(|(a, d)| a + d).collect();
+                    let row = row
+                        .iter()
+                        .zip(&delta)
+                        .map(|(a, d)| a.checked_add(*d))
+                        .collect::<Option<Vec<i128>>>()
+                        .ok_or_else(|| {
+                            StoreError::Overflow(tiersync_protocol::aggregate::Overflow {
+                                aggregate: agg.name.clone(),
+                            })
+                        })?;
                     pending.rows.insert(key, (i, row));
                 }
             }
@@ -1223,13 +1622,21 @@ impl Store {
     pub fn aggregate_rows(&self, agg: &Compiled) -> Result<Vec<(GroupKey, Vec<i128>)>, StoreError> {
         let mut out = Vec::new();
         if self.source_is_private(agg) {
+            // Each city counts with its current incarnation only: the one
+            // its watermark here names (this node's own, for itself).
+            let mut current: BTreeMap<NodeId, u64> = self
+                .watermarks()?
+                .into_iter()
+                .map(|w| (w.origin, w.incarnation))
+                .collect();
+            current.insert(self.node.clone(), self.incarnation());
             let prefix = agg.counters_prefix();
             let mut after: Option<String> = None;
             loop {
                 let page = self.scan(COUNTERS_CATEGORY, &prefix, after.as_deref(), 1024, true)?;
                 for (_, item) in &page.items {
                     if let Item::Counters(c) = item {
-                        out.push((c.group.clone(), c.values()));
+                        out.push((c.group.clone(), c.values_where(|a| current.get(a).copied())));
                     }
                 }
                 match page.next {
@@ -1307,7 +1714,9 @@ impl Store {
                 }
                 if let Some((group, values)) = agg.contribution(&item) {
                     let t = totals.entry(group).or_insert_with(|| vec![0; values.len()]);
-                    t.iter_mut().zip(&values).for_each(|(a, b)| *a += b);
+                    t.iter_mut()
+                        .zip(&values)
+                        .for_each(|(a, b)| *a = a.saturating_add(*b));
                 }
                 n += 1;
                 if n.is_multiple_of(1_000_000) {
@@ -1334,21 +1743,20 @@ impl Store {
                         existing.push((key, c));
                     }
                 }
+                let version = state.clock.tick(crate::now_ms()).hlc;
                 for (key, c) in existing {
                     let target = totals
                         .remove(&c.group)
                         .unwrap_or_else(|| vec![0; agg.measures.len()]);
-                    let mine = c.value_of(&self.node);
-                    let delta: Vec<i128> = target.iter().zip(&mine).map(|(t, m)| t - m).collect();
-                    if delta.iter().any(|d| *d != 0) {
+                    if c.value_of(&self.node) != target {
                         let mut c = c;
-                        c.add(&self.node, &delta);
+                        c.set(&self.node, target, version, self.incarnation());
                         pending.counters.insert(key, c);
                     }
                 }
                 for (group, target) in totals {
                     let mut c = Counters::new(&agg.name, group.clone(), agg.measures.len());
-                    c.add(&self.node, &target);
+                    c.set(&self.node, target, version, self.incarnation());
                     pending.counters.insert(agg.counters_key(&group), c);
                 }
             } else {
@@ -1360,6 +1768,7 @@ impl Store {
             let hlc = state.clock.last();
             self.flush_aggregates(&mut batch, pending, &mut seq, hlc)?;
             batch.put_cf(self.cf(CF_META)?, META_SEQ, encode(CF_META, &seq)?);
+            batch.put_cf(self.cf(CF_META)?, META_HLC, encode(CF_META, &hlc)?);
             batch.put_cf(
                 self.cf(CF_META)?,
                 meta_key.as_bytes(),

@@ -422,6 +422,8 @@ fn item_counts_follow_merges_and_are_counted_once_in_an_older_store() {
     let province_dir = tempfile::tempdir().unwrap();
     let province = open_as(province_dir.path(), "prov-a");
     let merge = |items| RemoteMerge {
+        relay_all: false,
+        now_ms: 5000,
         child: NodeId::new("city-a").unwrap(),
         incarnation: city.incarnation(),
         items,
@@ -563,4 +565,123 @@ fn aggregates_follow_writes_and_rebuild_when_their_definition_changes() {
         rows(&s, "opp"),
         BTreeMap::from([(vec![Some("won".to_string())], vec![1, 2_500_000])])
     );
+}
+
+/// A parent's cursor keeps the HLC of the child's change at it; a child
+/// checks it against its own changelog (and its trim mark), and a restored
+/// child that reissued the number sees the difference.
+#[test]
+fn cursors_keep_the_hlc_and_children_check_it() {
+    let city_dir = tempfile::tempdir().unwrap();
+    let city = open(city_dir.path());
+    for k in 0..4 {
+        one(
+            &city,
+            put(&format!("c{k}"), doc(&[("v", k)])),
+            1000 + k as u64,
+        )
+        .unwrap();
+    }
+    let province_dir = tempfile::tempdir().unwrap();
+    let province = open_as(province_dir.path(), "prov-a");
+    let child = NodeId::new("city-a").unwrap();
+    let batch = city.load_batch(0).unwrap();
+    assert_eq!(batch.last_seq, 4);
+    province
+        .merge_remote(RemoteMerge {
+            relay_all: false,
+            now_ms: 5000,
+            child: child.clone(),
+            incarnation: city.incarnation(),
+            items: batch.items,
+            cursor: Some((batch.last_seq, batch.upto_hlc)),
+            watermarks: Vec::new(),
+        })
+        .unwrap();
+    let (seq, hlc) = province.cursor(&child, city.incarnation()).unwrap();
+    assert_eq!((seq, hlc), (4, batch.upto_hlc));
+    assert_eq!(
+        province.cursor(&child, 1).unwrap(),
+        (0, Hlc::ZERO),
+        "another incarnation"
+    );
+    assert!(city.resume_matches(seq, hlc).unwrap());
+
+    // Trimmed: the mark of the last trimmed entry answers.
+    city.acknowledged(4);
+    assert_eq!(city.trim_expired(false, u64::MAX).unwrap(), 5);
+    assert!(city.hlc_of(4).unwrap().is_none());
+    assert!(city.resume_matches(4, hlc).unwrap());
+    let other = Hlc {
+        physical_ms: hlc.physical_ms + 1,
+        logical: 0,
+    };
+    assert!(!city.resume_matches(4, other).unwrap(), "a reissued change");
+
+    // Nothing the parent did not acknowledge is trimmed, and a parent that
+    // resumes lower holds back trimming to there.
+    one(&city, put("c9", doc(&[("v", 9)])), 2000).unwrap();
+    assert_eq!(city.trim_expired(false, u64::MAX).unwrap(), 5);
+    city.parent_resumed(3).unwrap();
+    city.acknowledged(3);
+    assert_eq!(city.trim_expired(false, u64::MAX).unwrap(), 5);
+    // A batch that would skip trimmed entries is refused.
+    assert!(matches!(
+        city.load_batch(2),
+        Err(StoreError::Trimmed {
+            after: 2,
+            retained: 5
+        })
+    ));
+    // At a root, everything older than the window goes.
+    assert_eq!(
+        city.trim_expired(true, 1500).unwrap(),
+        5,
+        "the window keeps c9"
+    );
+    assert_eq!(city.trim_expired(true, u64::MAX).unwrap(), 6);
+}
+
+/// A new incarnation is durable, and its changelog entry is stamped past
+/// the parent's HLC.
+#[test]
+fn reincarnation_is_durable_and_later_than_the_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    one(&s, put("c1", doc(&[("v", 1)])), 1000).unwrap();
+    let old = s.incarnation();
+    let parent_hlc = Hlc {
+        physical_ms: 50_000,
+        logical: 3,
+    };
+    let inc = s.reincarnate(parent_hlc, 1001).unwrap();
+    assert_ne!(inc, old);
+    assert_eq!(s.last_seq().unwrap(), 2);
+    assert!(s.hlc_of(2).unwrap().unwrap() > parent_hlc);
+    // Not an item: nothing travels for it.
+    assert!(s.load_batch(1).unwrap().items.is_empty());
+    drop(s);
+    let s = open(dir.path());
+    assert_eq!(s.incarnation(), inc);
+    assert!(s.clock_last().unwrap() > parent_hlc);
+}
+
+/// A cursor stored before cursors kept an HLC still reads (its HLC is
+/// unknown, which children trust).
+#[test]
+fn cursors_of_an_older_store_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open_as(dir.path(), "prov-a");
+    let child = NodeId::new("city-a").unwrap();
+    let old = encode(
+        CF_CURSORS,
+        &CursorV1 {
+            incarnation: 7,
+            seq: 12,
+        },
+    )
+    .unwrap();
+    s.db.put_cf(s.cf(CF_CURSORS).unwrap(), cursor_key(&child), old)
+        .unwrap();
+    assert_eq!(s.cursor(&child, 7).unwrap(), (12, Hlc::ZERO));
 }

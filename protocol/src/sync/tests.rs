@@ -46,6 +46,28 @@
 //!   state kept), a parent wiped and restored empty with a new incarnation
 //!   (its children catch up, by snapshot when their changelog was trimmed),
 //!   changelog trims after Acks.
+//! * **Power cuts.** A city's writes are in its store at once but durable
+//!   (and acknowledged) only at its next sync (the writer's group commit);
+//!   a power cut loses everything since the last sync, at any node. The
+//!   uplink may read only what is synced. A quarter of the cities run
+//!   `buffered`: they acknowledge at once and ship what is not synced, so a
+//!   power cut takes them back behind what their parent holds (their
+//!   acknowledged writes since the sync may be lost: that is what
+//!   `buffered` means).
+//! * **Moves.** A city is moved to the other province (the operator edits
+//!   both provinces' `children` and restarts them): its old province keeps
+//!   what it received from it, including in records other cities edited
+//!   too, and goes on relaying them; national drops writes of origins
+//!   outside a child's subtree instead of refusing the link, and gets the
+//!   moved city's writes through its new province (by snapshot).
+//! * **Restores.** Any node is occasionally restored from a backup of its
+//!   synced state taken earlier (data, changelog, cursors, clock and
+//!   incarnation all go back). Acknowledged writes of a restored city made
+//!   after its backup may be lost, unless they reached its parent.
+//!   A node that went back in time must notice at its next handshake (the
+//!   parent's cursor names a change it no longer has, or a different one)
+//!   and take a new incarnation, so that its parent re-learns its data and
+//!   no later write is skipped.
 //!
 //! Not injected, because QUIC (or TLS) rules them out: corruption,
 //! duplication or reordering within a connection, a frame of one connection
@@ -60,16 +82,21 @@
 //!   byte-identical to the encoded merge of its subtree's cities
 //!   (divergence);
 //! * national's shared state is byte-identical to the merge of every write a
-//!   city acknowledged (committed locally), and contains each one's effect: a
+//!   city acknowledged (synced), and contains each one's effect: a
 //!   later write of the same key may supersede it, never lose it (lost
-//!   acknowledged writes); a private write is still at its city;
+//!   acknowledged writes); a private write is still at its city. Where a
+//!   restore or a power cut of a `buffered` city lost acknowledged writes,
+//!   each tier holds at least the merge of its subtree and of what is left
+//!   acknowledged, and at most that plus what was lost (a parent may keep
+//!   what it received before the loss); a write that was never synced
+//!   never reaches a parent;
 //! * no private item above its city (private leaks);
 //! * every node knows each node below it complete up to its last change
 //!   (watermark gaps);
 //! * no child trimmed changelog entries that its parent did not hold
 //!   durably (unsafe trims).
 //!
-//! `topology_converges_under_faults` runs `TIERSYNC_SIM_SEEDS` seeds (300)
+//! `topology_converges_under_faults` runs `TIERSYNC_SIM_SEEDS` seeds (1000)
 //! from `TIERSYNC_SIM_FIRST_SEED` (1), `TIERSYNC_SIM_STEPS` steps each (600),
 //! prints a one-line summary with the faults actually injected, and fails
 //! with a replay command for the first failing seed. `SIM_DEBUG=1` logs link
@@ -129,6 +156,7 @@ fn policy() -> Policy {
 enum Change {
     Item(ItemKey),
     Watermark(Watermark),
+    Reincarnated,
 }
 
 struct Node {
@@ -142,12 +170,103 @@ struct Node {
     changelog: BTreeMap<u64, (Change, Hlc)>,
     last_seq: u64,
     retained_from: u64,
-    cursors: BTreeMap<(NodeId, u64), u64>,
+    cursors: BTreeMap<(NodeId, u64), (u64, Hlc)>,
     watermarks: BTreeMap<NodeId, Watermark>,
+    relays: BTreeMap<NodeId, Relay>,
+    /// `(seq, hlc)` of the last trimmed changelog entry.
+    acked_mark: Option<(u64, Hlc)>,
+    /// The parent this node last started under.
+    last_parent: Option<usize>,
     uplink: Option<Uplink>,
+    /// Acknowledges and ships writes before they are synced.
+    buffered: bool,
+    /// What a power cut leaves: the state as of the last sync.
+    synced: Option<Box<Disk>>,
+    /// A backup of the synced state.
+    backup: Option<Box<Disk>>,
+    /// Writes since the last sync: (key, state after the write).
+    unsynced: Vec<(ItemKey, Item)>,
+}
+
+/// What a node's uplink may read.
+struct Shippable<'a> {
+    store: &'a BTreeMap<ItemKey, Item>,
+    changelog: &'a BTreeMap<u64, (Change, Hlc)>,
+    watermarks: &'a BTreeMap<NodeId, Watermark>,
+    last_seq: u64,
+}
+
+/// The durable part of a node.
+#[derive(Clone)]
+struct Disk {
+    incarnation: u64,
+    clock: Hlc,
+    store: BTreeMap<ItemKey, Item>,
+    changelog: BTreeMap<u64, (Change, Hlc)>,
+    last_seq: u64,
+    retained_from: u64,
+    cursors: BTreeMap<(NodeId, u64), (u64, Hlc)>,
+    watermarks: BTreeMap<NodeId, Watermark>,
+    relays: BTreeMap<NodeId, Relay>,
+    acked_mark: Option<(u64, Hlc)>,
+    last_parent: Option<usize>,
 }
 
 impl Node {
+    fn disk(&self) -> Disk {
+        Disk {
+            incarnation: self.incarnation,
+            clock: self.clock.last(),
+            store: self.store.clone(),
+            changelog: self.changelog.clone(),
+            last_seq: self.last_seq,
+            retained_from: self.retained_from,
+            cursors: self.cursors.clone(),
+            watermarks: self.watermarks.clone(),
+            relays: self.relays.clone(),
+            acked_mark: self.acked_mark,
+            last_parent: self.last_parent,
+        }
+    }
+
+    fn load(&mut self, d: Disk) {
+        self.incarnation = d.incarnation;
+        self.clock = HlcClock::resume(self.id.clone(), d.clock);
+        self.store = d.store;
+        self.changelog = d.changelog;
+        self.last_seq = d.last_seq;
+        self.retained_from = d.retained_from;
+        self.cursors = d.cursors;
+        self.watermarks = d.watermarks;
+        self.relays = d.relays;
+        self.acked_mark = d.acked_mark;
+        self.last_parent = d.last_parent;
+    }
+
+    /// Everything written so far is durable.
+    fn sync(&mut self) {
+        self.synced = Some(Box::new(self.disk()));
+    }
+
+    /// What replication may read: the synced state, or everything for a
+    /// `buffered` node (or when nothing is unsynced).
+    fn shippable(&self) -> Shippable<'_> {
+        match &self.synced {
+            Some(d) if !self.buffered && !self.unsynced.is_empty() => Shippable {
+                store: &d.store,
+                changelog: &d.changelog,
+                watermarks: &d.watermarks,
+                last_seq: d.last_seq,
+            },
+            _ => Shippable {
+                store: &self.store,
+                changelog: &self.changelog,
+                watermarks: &self.watermarks,
+                last_seq: self.last_seq,
+            },
+        }
+    }
+
     fn append(&mut self, change: Change, hlc: Hlc) {
         self.last_seq += 1;
         self.changelog.insert(self.last_seq, (change, hlc));
@@ -162,6 +281,7 @@ impl Node {
 
 /// A merge the parent's driver was asked for and has not committed yet.
 struct PendingMerge {
+    relay_all: bool,
     child: NodeId,
     incarnation: u64,
     items: Vec<WireItem>,
@@ -211,11 +331,16 @@ struct Faults {
     wipes: u64,
     trims: u64,
     snapshots: u64,
+    syncs: u64,
+    power_cuts: u64,
+    restores: u64,
+    reincarnations: u64,
+    moves: u64,
     virtual_ms: u64,
 }
 
 impl Faults {
-    fn fields(&self) -> [(&'static str, u64); 15] {
+    fn fields(&self) -> [(&'static str, u64); 20] {
         [
             ("writes", self.writes),
             ("resets", self.resets),
@@ -231,6 +356,11 @@ impl Faults {
             ("wipes", self.wipes),
             ("trims", self.trims),
             ("snapshots", self.snapshots),
+            ("syncs", self.syncs),
+            ("power cuts", self.power_cuts),
+            ("restores", self.restores),
+            ("reincarnations", self.reincarnations),
+            ("moves", self.moves),
             ("virtual s", self.virtual_ms / 1000),
         ]
     }
@@ -250,6 +380,11 @@ impl Faults {
         self.wipes += o.wipes;
         self.trims += o.trims;
         self.snapshots += o.snapshots;
+        self.syncs += o.syncs;
+        self.power_cuts += o.power_cuts;
+        self.restores += o.restores;
+        self.reincarnations += o.reincarnations;
+        self.moves += o.moves;
         self.virtual_ms += o.virtual_ms;
     }
 }
@@ -302,6 +437,11 @@ struct Sim {
     generation: Vec<u64>,
     /// Every write a city acknowledged: (city, key, its state after it).
     acknowledged: Vec<(usize, ItemKey, Item)>,
+    /// Acknowledged writes that a restore or a power cut of a `buffered`
+    /// city may have lost: (city, key, state).
+    maybe_lost: Vec<(usize, ItemKey, Item)>,
+    /// (province, city) for every city that moved away from a province.
+    former: Vec<(usize, usize)>,
     unsafe_trims: Vec<String>,
     faults: Faults,
     /// Steps taken so far, and per node the step after which it writes no
@@ -349,7 +489,14 @@ impl Sim {
                     retained_from: 1,
                     cursors: BTreeMap::new(),
                     watermarks: BTreeMap::new(),
+                    relays: BTreeMap::new(),
+                    acked_mark: None,
+                    last_parent: None,
                     uplink: None,
+                    buffered: false,
+                    synced: None,
+                    backup: None,
+                    unsynced: Vec::new(),
                 }
             })
             .collect();
@@ -382,6 +529,10 @@ impl Sim {
                 }
             })
             .collect();
+        for n in nodes.iter_mut() {
+            n.buffered = n.tier == Tier::City && rng.chance(25);
+            n.sync();
+        }
         let generation = vec![0; nodes.len()];
         let mut sim = Sim {
             rng,
@@ -395,6 +546,8 @@ impl Sim {
             late: Vec::new(),
             generation,
             acknowledged: Vec::new(),
+            maybe_lost: Vec::new(),
+            former: Vec::new(),
             unsafe_trims: Vec::new(),
             faults: Faults::default(),
             steps: 0,
@@ -449,6 +602,22 @@ impl Sim {
                 self.disconnect(l);
             }
         }
+        // A node that starts under another parent than before (it moved,
+        // or was restored from a backup taken before it moved) takes a new
+        // incarnation, so that its parent learns all of it by snapshot.
+        let now = self.wall(i);
+        let n = &mut self.nodes[i];
+        if n.parent.is_some() && n.last_parent != n.parent {
+            if n.last_parent.is_some() {
+                self.faults.reincarnations += 1;
+                n.incarnation = self.rng.next();
+                let hlc = n.clock.tick(now).hlc;
+                n.append(Change::Reincarnated, hlc);
+            }
+            n.last_parent = n.parent;
+            // Durable at once (with everything before it).
+            self.sync(i);
+        }
         let n = &mut self.nodes[i];
         n.uplink = n.parent.map(|_| {
             let cfg = UplinkConfig {
@@ -458,7 +627,15 @@ impl Sim {
                 incarnation: n.incarnation,
                 window: WINDOW,
             };
-            Uplink::new(cfg, n.last_seq, n.last_hlc(), n.retained_from)
+            let d = n.shippable();
+            // The HLC of the last change, also when it was trimmed: a
+            // parent's cursor is checked against it.
+            let last_hlc = match (d.changelog.get(&d.last_seq), n.acked_mark) {
+                (Some((_, h)), _) => *h,
+                (None, Some((s, h))) if s == d.last_seq => h,
+                _ => Hlc::ZERO,
+            };
+            Uplink::new(cfg, d.last_seq, last_hlc, n.retained_from)
         });
     }
 
@@ -472,8 +649,119 @@ impl Sim {
         n.retained_from = 1;
         n.cursors.clear();
         n.watermarks.clear();
+        n.relays.clear();
+        n.acked_mark = None;
+        n.unsynced.clear();
+        n.backup = None;
         // The HLC stays monotonic: a restored node resumes its clock above
         // what it issued (operators restore the clock with the data).
+        n.sync();
+        self.restart(i);
+    }
+
+    /// The writes since node `i`'s last sync become durable and, at a city,
+    /// acknowledged; only now may its uplink ship them.
+    fn sync(&mut self, i: usize) {
+        self.faults.syncs += 1;
+        let n = &mut self.nodes[i];
+        n.sync();
+        let buffered = n.buffered;
+        for (k, item) in std::mem::take(&mut n.unsynced) {
+            if !buffered {
+                self.acknowledged.push((i, k, item));
+            }
+        }
+        let n = &mut self.nodes[i];
+        let (last, hlc) = (n.last_seq, n.last_hlc());
+        if let Some(u) = n.uplink.as_mut() {
+            u.changes_available(last, hlc);
+        }
+        self.pump_child(i);
+    }
+
+    /// A node that goes back in time (a restore, a power cut and reboot)
+    /// takes far longer than a write: a merge of its link still under way
+    /// at its parent has landed or died by the time it is back.
+    fn settle_merges_of(&mut self, i: usize) {
+        for (l, m) in std::mem::take(&mut self.late) {
+            if self.links[l].child != i {
+                self.late.push((l, m));
+            } else if self.rng.chance(50) {
+                self.land_late(l, m);
+            }
+        }
+    }
+
+    /// Power is cut at node `i`: what was not synced is gone.
+    fn power_cut(&mut self, i: usize) {
+        self.faults.power_cuts += 1;
+        self.restart(i);
+        self.settle_merges_of(i);
+        let n = &mut self.nodes[i];
+        n.unsynced.clear();
+        if let Some(d) = n.synced.clone() {
+            n.load(*d);
+        }
+        // With `fsync` every acknowledged write was synced: none may go.
+        if n.buffered {
+            self.forget_lost_writes(i);
+        }
+        self.restart(i);
+    }
+
+    /// Node `i`'s data went back in time (a restore, a power cut of a
+    /// `buffered` node): its acknowledged writes that its store no longer
+    /// contains may be lost (a parent may still have them).
+    fn forget_lost_writes(&mut self, i: usize) {
+        let store = &self.nodes[i].store;
+        let (lost, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.acknowledged)
+            .into_iter()
+            .partition(|(c, k, item)| *c == i && !contains(store.get(k), item));
+        self.acknowledged = kept;
+        self.maybe_lost.extend(lost);
+    }
+
+    /// City `c` moves to the other province; the operator restarts both
+    /// provinces with their new `children`.
+    fn move_city(&mut self, c: usize) {
+        let Some(old) = self.nodes[c].parent else {
+            return;
+        };
+        let new = if old == 1 { 2 } else { 1 };
+        let Some(l) = self.link_of_child(c) else {
+            return;
+        };
+        self.faults.moves += 1;
+        self.restart(c);
+        // A merge of the old link still under way dies with the restart of
+        // the old province below.
+        self.late.retain(|(ll, _)| *ll != l);
+        self.stale.retain(|(ll, _, _)| *ll != l);
+        self.nodes[old].children.retain(|&x| x != c);
+        self.nodes[new].children.push(c);
+        self.nodes[c].parent = Some(new);
+        self.links[l].parent = new;
+        self.former.retain(|&(p, x)| !(p == new && x == c));
+        self.former.push((old, c));
+        self.restart(c);
+        self.restart(old);
+        self.restart(new);
+    }
+
+    /// Node `i` is restored from its backup (if it has one): its data,
+    /// changelog, cursors, clock and incarnation go back in time.
+    fn restore(&mut self, i: usize) {
+        let Some(disk) = self.nodes[i].backup.clone() else {
+            return;
+        };
+        self.faults.restores += 1;
+        self.restart(i);
+        self.settle_merges_of(i);
+        let n = &mut self.nodes[i];
+        n.unsynced.clear();
+        n.load(*disk);
+        n.sync();
+        self.forget_lost_writes(i);
         self.restart(i);
     }
 
@@ -597,8 +885,13 @@ impl Sim {
         let k = (cat, key);
         n.store.insert(k.clone(), item.clone());
         n.append(Change::Item(k.clone()), stamp.hlc);
-        self.acknowledged.push((city, k, item));
+        n.unsynced.push((k.clone(), item.clone()));
         self.faults.writes += 1;
+        if !self.nodes[city].buffered {
+            // Acknowledged, and offered to the uplink, at the next sync.
+            return;
+        }
+        self.acknowledged.push((city, k, item));
         let n = &mut self.nodes[city];
         let (last, hlc) = (n.last_seq, stamp.hlc);
         if let Some(u) = n.uplink.as_mut() {
@@ -640,6 +933,34 @@ impl Sim {
                         .snapshot_loaded(epoch, items, next, marks);
                 }
                 UplinkEvent::Acked { seq } => self.acked(l, seq),
+                UplinkEvent::CheckResume { seq, hlc, epoch } => {
+                    let n = &self.nodes[c];
+                    let entry = n.changelog.get(&seq).map(|(_, h)| *h);
+                    let ok = resume_matches(seq, hlc, entry, n.acked_mark);
+                    self.nodes[c]
+                        .uplink
+                        .as_mut()
+                        .unwrap()
+                        .resume_checked(epoch, ok);
+                }
+                UplinkEvent::Reincarnate { reason, parent_hlc } => {
+                    if std::env::var("SIM_DEBUG").is_ok() {
+                        eprintln!("{} reincarnates: {reason}", self.nodes[c].id);
+                    }
+                    self.faults.reincarnations += 1;
+                    let inc = self.rng.next();
+                    let now = self.wall(c);
+                    let n = &mut self.nodes[c];
+                    // As the store does: the new incarnation and a changelog
+                    // entry for it at a clock past the parent's, synced (with
+                    // whatever else was written before).
+                    n.incarnation = inc;
+                    n.clock.observe(parent_hlc);
+                    let hlc = n.clock.tick(now).hlc;
+                    n.append(Change::Reincarnated, hlc);
+                    self.sync(c);
+                    self.nodes[c].uplink.as_mut().unwrap().reincarnated(inc);
+                }
                 UplinkEvent::Close { reason } => {
                     if std::env::var("SIM_DEBUG").is_ok() {
                         eprintln!("uplink {} closed: {reason}", self.nodes[c].id);
@@ -655,7 +976,7 @@ impl Sim {
     fn acked(&mut self, l: usize, seq: u64) {
         let (c, p) = (self.links[l].child, self.links[l].parent);
         let key = (self.nodes[c].id.clone(), self.nodes[c].incarnation);
-        let held = self.nodes[p].cursors.get(&key).copied().unwrap_or(0);
+        let held = self.nodes[p].cursors.get(&key).map_or(0, |c| c.0);
         if held < seq {
             self.unsafe_trims.push(format!(
                 "{} was acknowledged up to {seq}, but {} holds its changes only up to {held}",
@@ -665,6 +986,9 @@ impl Sim {
         if self.rng.chance(50) {
             self.faults.trims += 1;
             let n = &mut self.nodes[c];
+            if let Some((_, h)) = n.changelog.get(&seq) {
+                n.acked_mark = Some((seq, *h));
+            }
             n.changelog = n.changelog.split_off(&(seq + 1));
             n.retained_from = n.retained_from.max(seq + 1);
             let r = n.retained_from;
@@ -680,7 +1004,8 @@ impl Sim {
     ) -> (Vec<WireItem>, Option<ItemKey>) {
         let mut items = Vec::new();
         let mut next = None;
-        for (k, item) in self.nodes[c]
+        let disk = self.nodes[c].shippable();
+        for (k, item) in disk
             .store
             .iter()
             .filter(|(k, _)| after.is_none_or(|a| *k > a) && !self.is_private(k))
@@ -701,16 +1026,22 @@ impl Sim {
     }
 
     fn current_watermarks(&self, c: usize) -> Vec<Watermark> {
-        self.nodes[c].watermarks.values().cloned().collect()
+        self.nodes[c]
+            .shippable()
+            .watermarks
+            .values()
+            .cloned()
+            .collect()
     }
 
     fn load_batch(&self, c: usize, after: u64) -> LoadedBatch {
-        let n = &self.nodes[c];
+        let n = self.nodes[c].shippable();
+        let retained_from = self.nodes[c].retained_from;
         let mut keys: Vec<ItemKey> = Vec::new();
         let mut wms: BTreeMap<NodeId, Watermark> = BTreeMap::new();
         let mut last = (after, Hlc::ZERO);
         for (&seq, (change, hlc)) in n.changelog.range(after + 1..).take(4) {
-            assert!(seq >= n.retained_from, "loading a trimmed entry");
+            assert!(seq >= retained_from, "loading a trimmed entry");
             last = (seq, *hlc);
             match change {
                 Change::Item(k) => {
@@ -721,6 +1052,7 @@ impl Sim {
                 Change::Watermark(w) => {
                     wms.insert(w.origin.clone(), w.clone());
                 }
+                Change::Reincarnated => {}
             }
         }
         let items = keys
@@ -751,23 +1083,30 @@ impl Sim {
                 DownlinkEvent::Accepted {
                     child, incarnation, ..
                 } => {
-                    let cur = self.nodes[p]
+                    let (cur, hlc) = self.nodes[p]
                         .cursors
                         .get(&(child, incarnation))
                         .copied()
-                        .unwrap_or(0);
+                        .unwrap_or((0, Hlc::ZERO));
                     self.links[l].incarnation = incarnation;
-                    self.links[l].downlink.as_mut().unwrap().cursor_loaded(cur);
+                    let now = self.wall(p);
+                    self.links[l]
+                        .downlink
+                        .as_mut()
+                        .unwrap()
+                        .cursor_loaded(cur, hlc, now);
                 }
                 DownlinkEvent::Merge {
                     items,
                     cursor,
                     watermarks,
+                    relay_all,
                 } => {
                     // The driver writes in the background; a later step
                     // commits it.
                     let child = self.links[l].downlink.as_ref().unwrap().peer().clone();
                     self.links[l].merging = Some(PendingMerge {
+                        relay_all,
                         child,
                         incarnation: self.links[l].incarnation,
                         items,
@@ -775,6 +1114,7 @@ impl Sim {
                         watermarks,
                     });
                 }
+                DownlinkEvent::Dropped { .. } => {}
                 DownlinkEvent::Close { reason } => {
                     if std::env::var("SIM_DEBUG").is_ok() {
                         eprintln!("downlink closed: {reason}");
@@ -789,11 +1129,15 @@ impl Sim {
     /// The parent's store commits a merge of link `l`'s child in one batch:
     /// items, the child's cursor and the watermarks.
     fn apply_merge(&mut self, l: usize, m: PendingMerge) {
+        let now = self.wall(self.links[l].parent);
         let n = &mut self.nodes[self.links[l].parent];
+        // As the store does: one fresh HLC for every entry of the merge,
+        // past every stamp it brings.
+        for s in m.items.iter().flat_map(|w| w.item.stamps()) {
+            n.clock.observe(s.hlc);
+        }
+        let entry_hlc = n.clock.tick(now).hlc;
         for w in m.items {
-            for s in w.item.stamps() {
-                n.clock.observe(s.hlc);
-            }
             let k = (w.category, w.key);
             let changed = match n.store.get_mut(&k) {
                 Some(mine) => mine.merge(&w.item).changed,
@@ -802,8 +1146,8 @@ impl Sim {
                     true
                 }
             };
-            if changed {
-                let hlc = n.clock.last();
+            if changed || m.relay_all {
+                let hlc = entry_hlc;
                 n.append(Change::Item(k), hlc);
             }
         }
@@ -812,26 +1156,39 @@ impl Sim {
             let c = n
                 .cursors
                 .entry((m.child.clone(), m.incarnation))
-                .or_insert(0);
-            *c = (*c).max(seq);
+                .or_insert((0, Hlc::ZERO));
+            if seq >= c.0 {
+                *c = (seq, hlc);
+            }
             marks.push(Watermark {
-                origin: m.child,
+                origin: m.child.clone(),
                 incarnation: m.incarnation,
                 seq,
                 hlc,
             });
         }
+        let via = Relay {
+            child: m.child.clone(),
+            incarnation: m.incarnation,
+            seq: m.cursor.map_or(0, |c| c.0),
+        };
         for w in marks {
-            let newer = match n.watermarks.get(&w.origin) {
-                Some(cur) => cur.incarnation != w.incarnation || w.seq > cur.seq,
-                None => true,
-            };
+            let newer = watermark_replaces(
+                n.watermarks.get(&w.origin),
+                n.relays.get(&w.origin),
+                &w,
+                &via,
+            );
             if newer {
+                n.relays.insert(w.origin.clone(), via.clone());
                 n.watermarks.insert(w.origin.clone(), w.clone());
-                let hlc = n.clock.last();
+                let hlc = entry_hlc;
                 n.append(Change::Watermark(w), hlc);
             }
         }
+        // A merge is committed with a sync (only parents merge, and they
+        // write nothing else).
+        n.sync();
         let (last, hlc) = (n.last_seq, n.last_hlc());
         if let Some(u) = n.uplink.as_mut() {
             u.changes_available(last, hlc);
@@ -870,7 +1227,7 @@ impl Sim {
         let held = {
             let link = &self.links[l];
             let key = (self.nodes[link.child].id.clone(), link.incarnation);
-            self.nodes[link.parent].cursors.get(&key).copied()
+            self.nodes[link.parent].cursors.get(&key).map(|c| c.0)
         };
         match &f {
             Frame::Batch { last_seq, .. } if held.is_some_and(|h| *last_seq <= h) => {
@@ -1007,6 +1364,24 @@ impl Sim {
                 let i = self.rng.below(3) as usize;
                 self.wipe(i);
             }
+            97 => {
+                let i = self.rng.below(self.nodes.len() as u64) as usize;
+                if self.rng.chance(50) {
+                    self.power_cut(i);
+                } else if self.rng.chance(30) {
+                    self.restore(i);
+                } else if self.rng.chance(25) {
+                    let city = 3 + self.rng.below(4) as usize;
+                    self.move_city(city);
+                } else {
+                    let n = &mut self.nodes[i];
+                    n.backup = n.synced.clone();
+                }
+            }
+            98..=99 => {
+                let city = 3 + self.rng.below(4) as usize;
+                self.sync(city);
+            }
             _ => {}
         }
     }
@@ -1041,6 +1416,9 @@ impl Sim {
     fn heal(&mut self) {
         for l in 0..self.links.len() {
             self.end_partition(l);
+        }
+        for i in 0..self.nodes.len() {
+            self.sync(i);
         }
         // A healthy network settles in a few rounds; a session that keeps
         // refusing its peer never does.
@@ -1093,13 +1471,34 @@ impl Sim {
         out
     }
 
-    fn shared_bytes(&self, i: usize) -> Vec<u8> {
-        let shared: BTreeMap<&ItemKey, &Item> = self.nodes[i]
+    fn shared(&self, i: usize) -> BTreeMap<&ItemKey, &Item> {
+        self.nodes[i]
             .store
             .iter()
             .filter(|(k, _)| !self.is_private(k))
-            .collect();
-        codec::encode_stored(&shared).unwrap()
+            .collect()
+    }
+
+    fn shared_bytes(&self, i: usize) -> Vec<u8> {
+        codec::encode_stored(&self.shared(i)).unwrap()
+    }
+
+    /// The merge of the shared writes that cities below (or at) `i` may
+    /// have lost.
+    fn ghost(&self, i: usize) -> BTreeMap<ItemKey, Item> {
+        let mut below = vec![i];
+        let mut cities = Vec::new();
+        while let Some(n) = below.pop() {
+            below.extend(&self.nodes[n].children);
+            cities.push(n);
+        }
+        let mut out = BTreeMap::new();
+        for (c, k, item) in &self.maybe_lost {
+            if cities.contains(c) && !self.is_private(k) {
+                merge_into(&mut out, k, item);
+            }
+        }
+        out
     }
 
     fn check(&self) -> Outcome {
@@ -1116,7 +1515,44 @@ impl Sim {
                 o.notes.push(format!("{leaks} private items at {}", n.id));
             }
             let want = self.expected(i);
-            if self.shared_bytes(i) != codec::encode_stored(&want).unwrap() {
+            let mut ghost = self.ghost(i);
+            // A province keeps what cities that moved away sent it.
+            for &(p, c) in &self.former {
+                if p == i {
+                    let lost = self
+                        .maybe_lost
+                        .iter()
+                        .filter(|(x, _, _)| *x == c)
+                        .map(|(_, k, item)| (k, item));
+                    for (k, item) in self.nodes[c].store.iter().chain(lost) {
+                        if !self.is_private(k) {
+                            merge_into(&mut ghost, k, item);
+                        }
+                    }
+                }
+            }
+            if !ghost.is_empty() {
+                // Lost writes may or may not have reached this node: it
+                // holds the merge of its subtree, and at most that plus
+                // what was lost.
+                let have = self.shared(i);
+                let mut most = want.clone();
+                for (k, item) in &ghost {
+                    merge_into(&mut most, k, item);
+                }
+                let at_most: BTreeMap<&ItemKey, &Item> = most.iter().collect();
+                let have_owned: BTreeMap<ItemKey, Item> = have
+                    .iter()
+                    .map(|(k, v)| ((*k).clone(), (*v).clone()))
+                    .collect();
+                if !below(&want, &have) || !below(&have_owned, &at_most) {
+                    o.divergent = true;
+                    o.notes.push(format!(
+                        "{}: shared state is not between the merge of its subtree and that plus the lost writes",
+                        n.id
+                    ));
+                }
+            } else if self.shared_bytes(i) != codec::encode_stored(&want).unwrap() {
                 o.divergent = true;
                 let differ = want
                     .iter()
@@ -1151,11 +1587,7 @@ impl Sim {
         for (city, k, item) in &self.acknowledged {
             let private = self.is_private(k);
             let holder = if private { *city } else { 0 };
-            let present = self.nodes[holder].store.get(k).is_some_and(|have| {
-                let mut m = have.clone();
-                m.merge(item);
-                m == *have
-            });
+            let present = contains(self.nodes[holder].store.get(k), item);
             if !present {
                 o.lost += 1;
                 o.notes.push(format!(
@@ -1167,13 +1599,35 @@ impl Sim {
                 merge_into(&mut merged, k, item);
             }
         }
-        if self.shared_bytes(0) != codec::encode_stored(&merged).unwrap() {
+        let ghost = self.ghost(0);
+        if ghost.is_empty() {
+            if self.shared_bytes(0) != codec::encode_stored(&merged).unwrap() {
+                o.divergent = true;
+                o.notes
+                    .push("national differs from the merge of all acknowledged writes".into());
+            }
+        } else if !below(&merged, &self.shared(0)) {
             o.divergent = true;
-            o.notes
-                .push("national differs from the merge of all acknowledged writes".into());
+            o.notes.push("national lacks acknowledged writes".into());
         }
         o
     }
+}
+
+/// Whether `have` already contains `item`'s effect (merging it changes nothing).
+fn contains(have: Option<&Item>, item: &Item) -> bool {
+    have.is_some_and(|h| {
+        let mut m = h.clone();
+        m.merge(item);
+        m == *h
+    })
+}
+
+/// Whether every item of `small` is contained in `big`.
+fn below(small: &BTreeMap<ItemKey, Item>, big: &BTreeMap<&ItemKey, &Item>) -> bool {
+    small
+        .iter()
+        .all(|(k, item)| contains(big.get(k).copied(), item))
 }
 
 fn merge_into(out: &mut BTreeMap<ItemKey, Item>, k: &ItemKey, item: &Item) {
@@ -1205,7 +1659,7 @@ fn env_or(name: &str, default: u64) -> u64 {
 
 #[test]
 fn topology_converges_under_faults() {
-    let seeds = env_or("TIERSYNC_SIM_SEEDS", 300);
+    let seeds = env_or("TIERSYNC_SIM_SEEDS", 1000);
     let first = env_or("TIERSYNC_SIM_FIRST_SEED", 1);
     let steps = env_or("TIERSYNC_SIM_STEPS", 600) as usize;
     let started = std::time::Instant::now();
@@ -1352,10 +1806,14 @@ fn open_downlink() -> (Downlink, Policy) {
         d.poll_event(),
         Some(DownlinkEvent::Accepted { .. })
     ));
-    d.cursor_loaded(0);
+    d.cursor_loaded(0, Hlc::ZERO, 0);
     assert_eq!(
         d.poll_event(),
-        Some(DownlinkEvent::Send(Frame::Welcome { resume_from: 0 }))
+        Some(DownlinkEvent::Send(Frame::Welcome {
+            resume_from: 0,
+            resume_hlc: Hlc::ZERO,
+            now_ms: 0
+        }))
     );
     (d, p)
 }
@@ -1388,7 +1846,6 @@ fn batch_refusals() {
             record_item("opportunity", "hangzhou", now),
         ),
         ("unknown category", record_item("nope", "hangzhou", now)),
-        ("foreign origin", record_item("customer", "ningbo", now)),
         (
             "far-future stamp",
             record_item("customer", "hangzhou", now + 3_600_000),
@@ -1415,25 +1872,55 @@ fn batch_refusals() {
         assert_eq!(refused(&mut d), Some(RefuseReason::Violation), "{what}");
         assert!(d.is_closed(), "{what}");
     }
+    // A foreign origin (a city that moved away, or a forgery) is dropped,
+    // not refused: the rest of the batch is merged.
     let (mut d, p) = open_downlink();
     d.handle_frame(
         Frame::Batch {
             after: 0,
             last_seq: 1,
             upto_hlc: Hlc::ZERO,
-            items: vec![record_item("customer", "hangzhou", now)],
-            watermarks: vec![],
+            items: vec![
+                record_item("customer", "hangzhou", now),
+                record_item("customer", "ningbo", now),
+            ],
+            watermarks: vec![Watermark {
+                origin: NodeId::new("ningbo").unwrap(),
+                incarnation: 1,
+                seq: 3,
+                hlc: Hlc::ZERO,
+            }],
         },
         now,
         &p,
     );
+    let Some(DownlinkEvent::Dropped { writes, origins }) = d.poll_event() else {
+        panic!("the foreign writes are reported");
+    };
+    assert_eq!(writes, 2, "one record's registers");
+    assert_eq!(origins.len(), 1);
     assert!(matches!(
         d.poll_event(),
-        Some(DownlinkEvent::Merge {
-            cursor: Some((1, _)),
-            ..
-        })
+        Some(DownlinkEvent::Dropped { writes: 1, .. })
     ));
+    let Some(DownlinkEvent::Merge {
+        cursor: Some((1, _)),
+        items,
+        watermarks,
+        ..
+    }) = d.poll_event()
+    else {
+        panic!("the rest is merged");
+    };
+    assert_eq!(items.len(), 1);
+    assert!(
+        items[0]
+            .item
+            .stamps()
+            .iter()
+            .all(|s| s.origin.as_str() == "hangzhou")
+    );
+    assert!(watermarks.is_empty());
     d.merged();
     assert_eq!(
         d.poll_event(),
@@ -1472,7 +1959,11 @@ fn uplink_window_bounds_unacknowledged_batches() {
         u.poll_event(),
         Some(UplinkEvent::Send(Frame::Hello { .. }))
     ));
-    u.handle_frame(Frame::Welcome { resume_from: 4 });
+    u.handle_frame(Frame::Welcome {
+        resume_from: 4,
+        resume_hlc: Hlc::ZERO,
+        now_ms: 0,
+    });
     let mut sent = Vec::new();
     for _ in 0..10 {
         match u.poll_event() {
@@ -1499,7 +1990,11 @@ fn uplink_awaits_an_answer_only_while_one_is_owed() {
     assert!(!u.awaiting_answer(), "not connected");
     u.connected(vec![]);
     assert!(u.awaiting_answer(), "a Welcome is owed");
-    u.handle_frame(Frame::Welcome { resume_from: 4 });
+    u.handle_frame(Frame::Welcome {
+        resume_from: 4,
+        resume_hlc: Hlc::ZERO,
+        now_ms: 0,
+    });
     assert!(!u.awaiting_answer(), "caught up: nothing owed");
     u.changes_available(6, Hlc::ZERO);
     while let Some(ev) = u.poll_event() {
@@ -1529,7 +2024,11 @@ fn uplink_chooses_snapshot_when_the_changelog_was_trimmed() {
     );
     u.connected(vec![]);
     u.poll_event();
-    u.handle_frame(Frame::Welcome { resume_from: 0 });
+    u.handle_frame(Frame::Welcome {
+        resume_from: 0,
+        resume_hlc: Hlc::ZERO,
+        now_ms: 0,
+    });
     assert_eq!(
         u.poll_event(),
         Some(UplinkEvent::LoadSnapshot {
@@ -1558,10 +2057,101 @@ fn uplink_chooses_snapshot_when_the_changelog_was_trimmed() {
             watermarks: vec![]
         }))
     );
-    // A parent that is ahead of what this node ever wrote is a violation.
-    let mut u2 = Uplink::new(hangzhou_uplink(), 3, Hlc::ZERO, 1);
-    u2.connected(vec![]);
-    u2.poll_event();
-    u2.handle_frame(Frame::Welcome { resume_from: 7 });
-    assert!(matches!(u2.poll_event(), Some(UplinkEvent::Close { .. })));
+}
+
+fn hlc(ms: u64) -> Hlc {
+    Hlc {
+        physical_ms: ms,
+        logical: 0,
+    }
+}
+
+/// A parent that holds more of this node than its changelog has: the node
+/// went back in time, takes a new incarnation and reconnects.
+#[test]
+fn uplink_behind_its_parent_reincarnates() {
+    let mut u = Uplink::new(hangzhou_uplink(), 3, hlc(3), 1);
+    u.connected(vec![]);
+    u.poll_event();
+    u.handle_frame(Frame::Welcome {
+        resume_from: 7,
+        resume_hlc: hlc(7),
+        now_ms: 0,
+    });
+    assert!(matches!(
+        u.poll_event(),
+        Some(UplinkEvent::Reincarnate { .. })
+    ));
+    assert!(
+        !u.is_established(),
+        "nothing is streamed after the rollback"
+    );
+    u.reincarnated(99);
+    assert_eq!(u.incarnation(), 99);
+    assert!(matches!(u.poll_event(), Some(UplinkEvent::Close { .. })));
+    u.connected(vec![]);
+    assert!(matches!(
+        u.poll_event(),
+        Some(UplinkEvent::Send(Frame::Hello {
+            incarnation: 99,
+            ..
+        }))
+    ));
+}
+
+/// A parent whose cursor names a change this node reissued (restored, then
+/// wrote past the cursor): caught by the HLC check, not by the numbers.
+#[test]
+fn uplink_checks_the_change_at_the_parents_cursor() {
+    for (matches, established) in [(true, true), (false, false)] {
+        let mut u = Uplink::new(hangzhou_uplink(), 10, hlc(10), 1);
+        u.connected(vec![]);
+        u.poll_event();
+        u.handle_frame(Frame::Welcome {
+            resume_from: 5,
+            resume_hlc: hlc(5),
+            now_ms: 0,
+        });
+        let Some(UplinkEvent::CheckResume {
+            seq: 5,
+            hlc: h,
+            epoch,
+        }) = u.poll_event()
+        else {
+            panic!("the cursor must be checked");
+        };
+        assert_eq!(h, hlc(5));
+        assert!(!u.is_established());
+        u.resume_checked(epoch, matches);
+        assert_eq!(u.is_established(), established);
+        if established {
+            assert_eq!(
+                u.poll_event(),
+                Some(UplinkEvent::LoadBatch { after: 5, epoch })
+            );
+        } else {
+            assert!(matches!(
+                u.poll_event(),
+                Some(UplinkEvent::Reincarnate { .. })
+            ));
+        }
+    }
+}
+
+#[test]
+fn resume_matches_rules() {
+    // The entry is retained: its HLC decides.
+    assert!(resume_matches(5, hlc(5), Some(hlc(5)), None));
+    assert!(!resume_matches(5, hlc(5), Some(hlc(6)), None));
+    // Trimmed: the mark of the last trim decides at the mark...
+    assert!(resume_matches(5, hlc(5), None, Some((5, hlc(5)))));
+    assert!(!resume_matches(5, hlc(5), None, Some((5, hlc(9)))));
+    // ...and below it the parent went back, not this node.
+    assert!(resume_matches(3, hlc(3), None, Some((5, hlc(5)))));
+    // Neither entry nor mark: nothing proves the history is the same.
+    assert!(!resume_matches(5, hlc(5), None, None));
+    assert!(!resume_matches(7, hlc(7), None, Some((5, hlc(5)))));
+    // A fresh parent, or a cursor from before protocol 2.
+    assert!(resume_matches(0, Hlc::ZERO, None, None));
+    assert!(resume_matches(5, Hlc::ZERO, None, None));
 }

@@ -159,7 +159,7 @@ fn parent(peer: NodeId, national: bool, mut script: Script) {
                     cursor_given = Some(c);
                     durable = c;
                 }
-                d.cursor_loaded(c);
+                d.cursor_loaded(c, tiersync_protocol::Hlc::ZERO, NOW_MS);
                 false
             }
             Step::Merged => {
@@ -207,7 +207,7 @@ fn parent(peer: NodeId, national: bool, mut script: Script) {
                     allowed = Some(set);
                     awaiting_cursor = true;
                 }
-                DownlinkEvent::Send(Frame::Welcome { resume_from }) => {
+                DownlinkEvent::Send(Frame::Welcome { resume_from, .. }) => {
                     assert_eq!(
                         Some(resume_from),
                         cursor_given,
@@ -215,10 +215,12 @@ fn parent(peer: NodeId, national: bool, mut script: Script) {
                     );
                     awaiting_cursor = false;
                 }
+                DownlinkEvent::Dropped { .. } => {}
                 DownlinkEvent::Merge {
                     items,
                     cursor,
                     watermarks,
+                    ..
                 } => {
                     let allowed = allowed.as_ref().expect("merge before the handshake");
                     assert!(

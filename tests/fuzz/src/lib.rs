@@ -151,7 +151,8 @@ fn counters(origin: usize) -> Option<WireItem> {
     let compiled = Compiled::new("pipeline", def).ok()?;
     let group = vec![Some("won".to_string())];
     let mut c = Counters::new("pipeline", group.clone(), 1);
-    c.add(&id(origin), &[1]);
+    c.add(&id(origin), &[1], tiersync_protocol::Hlc::ZERO, 1)
+        .expect("a count of 1 fits");
     Some(WireItem {
         category: COUNTERS_CATEGORY.into(),
         key: compiled.counters_key(&group),
@@ -185,7 +186,11 @@ pub fn sample_frames() -> Vec<Frame> {
     items.extend(counters(1));
     vec![
         hello(1, Tier::City, &[]),
-        Frame::Welcome { resume_from: 3 },
+        Frame::Welcome {
+            resume_from: 3,
+            resume_hlc: tiersync_protocol::Hlc::ZERO,
+            now_ms: 0,
+        },
         Frame::Batch {
             after: 0,
             last_seq: 3,
@@ -357,7 +362,15 @@ pub fn handshake_seeds() -> Vec<Vec<u8>> {
     push(
         0x80 | 20,
         &[
-            (op::FRAME, Some(&Frame::Welcome { resume_from: 0 }), 0),
+            (
+                op::FRAME,
+                Some(&Frame::Welcome {
+                    resume_from: 0,
+                    resume_hlc: tiersync_protocol::Hlc::ZERO,
+                    now_ms: 0,
+                }),
+                0,
+            ),
             (op::FRAME, f(7), 0),
             (op::FRAME, f(3), 0),
         ],

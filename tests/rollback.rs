@@ -1,0 +1,181 @@
+//! Data that goes back in time, and a disk that fails its fsync, on real
+//! nodes (national ← zhejiang ← hangzhou over QUIC on loopback).
+//!
+//! * `restored_city_keeps_replicating_everything`: a city's data directory
+//!   is restored from an earlier copy (as from a backup or a VM snapshot)
+//!   after it wrote more, then it writes past its parent's cursor again.
+//!   Its sequence numbers are reissued: without the check of the parent's
+//!   cursor at the handshake, the province would take the new writes for
+//!   ones it holds and skip them. Everything every write made reaches
+//!   national, and national's watermark of the city names its new
+//!   incarnation.
+//! * `failed_fsync_stops_the_node`: the 4th WAL sync fails (fail point
+//!   `store-sync-error`): that write is not acknowledged, the node stops
+//!   (exits non-zero), a retried identical append is never acknowledged
+//!   as "unchanged", and after a restart without the fault every
+//!   acknowledged write is there.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is the test failure report
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use tiersync::deploygen::Spec;
+use tiersync_tests::cluster::Cluster;
+use tiersync_tests::wait_for;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn one_city() -> Cluster {
+    Cluster::new(&Spec {
+        provinces: 1,
+        cities_per_province: 1,
+        ..Spec::default()
+    })
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+fn has_customer(c: &Cluster, node: &str, key: &str) -> bool {
+    c.get_opt(node, &format!("/v1/records/customer/{key}"))
+        .is_some_and(|r| r.status == 200)
+}
+
+#[test]
+fn restored_city_keeps_replicating_everything() {
+    let mut c = one_city();
+    c.start_all();
+    let city = "hangzhou";
+    c.bulk_customers(city, "before-", 0, 300);
+    assert!(c.wait_complete_at("national", CONVERGE).is_some());
+
+    // The backup: a copy of the stopped city's data directory.
+    let data = c.deployment.node(city).unwrap().data_dir.clone();
+    let backup = c.dir.path().join("hangzhou-backup");
+    c.stop(city);
+    copy_dir(&data, &backup);
+    let old_inc = {
+        c.start(city);
+        c.get(city, "/v1/status").body["incarnation"].clone()
+    };
+
+    // Written after the backup, replicated, then lost at the city.
+    c.bulk_customers(city, "lost-", 0, 300);
+    assert!(c.wait_complete_at("national", CONVERGE).is_some());
+    let cursor_before = c.get(city, "/v1/status").body["last_seq"].as_u64().unwrap();
+    c.stop(city);
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_dir(&backup, &data);
+    // The province is away while the restored city works: the city writes
+    // past the province's cursor before they meet again, so the numbers
+    // alone cannot show that it went back in time.
+    c.stop("zhejiang");
+    c.start(city);
+    let restored_seq = c.get(city, "/v1/status").body["last_seq"].as_u64().unwrap();
+    assert!(
+        restored_seq < cursor_before,
+        "the restore went back in time"
+    );
+    c.bulk_customers(city, "after-", 0, 400);
+    let seq = c.get(city, "/v1/status").body["last_seq"].as_u64().unwrap();
+    assert!(
+        seq > cursor_before,
+        "the city wrote past its parent's cursor"
+    );
+    c.start("zhejiang");
+
+    let arrived = wait_for(CONVERGE, || {
+        (0..400)
+            .all(|i| has_customer(&c, "national", &format!("after-{i}")))
+            .then_some(())
+    });
+    assert!(
+        arrived.is_some(),
+        "writes made after the restore are missing at national"
+    );
+    assert!(c.wait_complete_at("national", CONVERGE).is_some());
+    for prefix in ["before-", "lost-"] {
+        for i in [0, 150, 299] {
+            let key = format!("{prefix}{i}");
+            assert!(has_customer(&c, "national", &key), "{key} at national");
+        }
+    }
+    assert!(!has_customer(&c, city, "lost-0"), "the city lost them");
+
+    let status = c.get(city, "/v1/status").body;
+    let inc = status["incarnation"].clone();
+    assert_ne!(inc, old_inc, "the restored city took a new incarnation");
+    let marks = c.get("national", "/v1/status").body["links"]["watermarks"].clone();
+    assert_eq!(marks[city]["incarnation"], inc, "{marks}");
+    assert_eq!(marks[city]["seq"], status["last_seq"], "{marks}");
+    assert!(
+        c.log(city).contains("took a new incarnation"),
+        "the city says why it re-sends its data"
+    );
+}
+
+#[test]
+fn failed_fsync_stops_the_node() {
+    let mut c = one_city();
+    c.start("national");
+    c.start("zhejiang");
+    let city = "hangzhou";
+    // Sync groups 1-3 succeed, the 4th fails, later ones would succeed.
+    c.start_env(
+        city,
+        &[("FAILPOINTS", "store-sync-error=3*off->1*return->off")],
+    );
+    let bill = |i: usize| json!({"customer_id": format!("c{i}"), "amount": 10 + i, "billed_at": "2026-11-01"});
+    for i in 0..3 {
+        let r = c.send("PUT", city, &format!("/v1/records/billing/b{i}"), &bill(i));
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let r = c.send("PUT", city, "/v1/records/billing/b3", &bill(3));
+    assert!(
+        r.status >= 500,
+        "a write whose sync failed is not acknowledged: {r:?}"
+    );
+
+    // The same append again would change nothing; it must still not be
+    // acknowledged, nor anything else: the node stops.
+    let retried = c.get_opt(city, "/v1/records/billing/b3").map(|_| {
+        c.send("PUT", city, "/v1/records/billing/b3", &bill(3))
+            .status
+    });
+    assert_ne!(retried, Some(200), "acknowledged after a failed fsync");
+    let exit = c.wait_exit(city, Duration::from_secs(30));
+    let exit = exit.expect("the node stops after a failed fsync");
+    assert!(!exit.success(), "it exits with an error: {exit:?}");
+    assert!(
+        c.log(city).contains("WAL sync failed"),
+        "the log says why: {}",
+        c.log(city)
+    );
+
+    // A restart recovers from the WAL: every acknowledged write is there
+    // and replicates.
+    c.start(city);
+    for i in 0..3 {
+        let r = c.get(city, &format!("/v1/records/billing/b{i}"));
+        assert_eq!(r.status, 200, "b{i} was acknowledged: {r:?}");
+    }
+    let r = c.send("PUT", city, "/v1/records/billing/b4", &bill(4));
+    assert_eq!(r.status, 200, "writes go on after the restart: {r:?}");
+    assert!(c.wait_complete_at("national", CONVERGE).is_some());
+    for i in [0, 1, 2, 4] {
+        let r = c.get("national", &format!("/v1/records/billing/b{i}"));
+        assert_eq!(r.status, 200, "b{i} at national");
+    }
+}
