@@ -202,6 +202,7 @@ pub async fn start(
     let policy = loaded.policy.clone();
     let prepared = prepare(loaded).await?;
     let store = Arc::new(open_store(cfg, policy.clone())?);
+    store.set_root(cfg.parent.is_none());
     let (writer, writer_thread) =
         Writer::spawn(store.clone(), WRITE_QUEUE).context("starting the writer thread")?;
     crate::telemetry::register(cfg, &policy);
@@ -366,6 +367,10 @@ fn store_gauges(store: &Store, links: &LinkStatus, parent: Option<&str>) {
         metrics::gauge!("tiersync_last_seq").set(seq as f64);
     }
     if let Some(parent) = parent {
+        // The wall clock may have jumped since the last Welcome.
+        let correction = crate::wall_ms().saturating_sub(crate::now_ms());
+        metrics::gauge!("tiersync_clock_correction_seconds").set(correction as f64 / 1000.0);
+        links.uplink(|s| s.clock_correction_ms = correction);
         let view = links.to_json(store);
         let p = &view["parent"];
         let (records, seconds) = if p.is_null() {

@@ -148,6 +148,14 @@ pub fn describe() {
         "tiersync_clock_offset_seconds",
         "This node's clock minus its parent's, at the last handshake (seconds)"
     );
+    describe_gauge!(
+        "tiersync_clock_correction_seconds",
+        "How far this node stamps behind its own wall clock because that clock runs ahead of its parent's (0 normally)"
+    );
+    describe_counter!(
+        "tiersync_clock_recoveries_total",
+        "Times the HLC was found ahead of the wall clock by more than the allowed skew and started again from it"
+    );
     describe_counter!(
         "tiersync_reincarnations_total",
         "New incarnations taken because this node's data was behind its parent (restore, buffered power cut) or it started under another parent"
@@ -207,7 +215,9 @@ pub fn register(config: &NodeConfig, policy: &Policy) {
         metrics::gauge!("tiersync_uplink_lag_records", "peer" => p.id.to_string()).set(0.0);
         metrics::gauge!("tiersync_uplink_lag_seconds", "peer" => p.id.to_string()).set(0.0);
         metrics::gauge!("tiersync_clock_offset_seconds", "peer" => p.id.to_string()).set(0.0);
+        metrics::gauge!("tiersync_clock_correction_seconds").set(0.0);
     }
+    metrics::counter!("tiersync_clock_recoveries_total").absolute(0);
     for (link, peer) in links {
         metrics::gauge!("tiersync_link_up", "link" => link, "peer" => peer.clone()).set(0.0);
         for name in [

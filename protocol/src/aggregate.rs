@@ -284,17 +284,20 @@ impl Counters {
             .ok_or_else(|| Overflow {
                 aggregate: self.aggregate.clone(),
             })?;
-        let version = self
-            .shares
-            .get(actor)
-            .map_or(version, |s| version.max(s.version));
         self.set(actor, values, version, incarnation);
         Ok(())
     }
 
     /// Sets `actor`'s share of its `incarnation` to `values`, as changed at
-    /// `version`.
+    /// `version`, or just after the share's current version if that is
+    /// later: replicas keep the share with the highest version, so a new
+    /// total must always outrank the one it replaces (even after the
+    /// actor's clock recovered from a jump ahead).
     pub fn set(&mut self, actor: &NodeId, values: Vec<i128>, version: Hlc, incarnation: u64) {
+        let version = self
+            .shares
+            .get(actor)
+            .map_or(version, |s| version.max(s.version.successor()));
         self.shares.insert(
             actor.clone(),
             Share {

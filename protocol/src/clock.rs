@@ -32,7 +32,7 @@ impl Hlc {
     };
 
     /// The next value after `self`.
-    fn successor(self) -> Hlc {
+    pub fn successor(self) -> Hlc {
         match self.logical.checked_add(1) {
             Some(logical) => Hlc {
                 physical_ms: self.physical_ms,
@@ -123,6 +123,29 @@ impl HlcClock {
         }
     }
 
+    /// Whether the clock runs more than `max_ahead_ms` ahead of the wall
+    /// clock `now_ms`: the wall clock jumped ahead and came back (or a
+    /// restored high-water mark came from such a time). Stamping on from
+    /// `last` would put every later write that far in the future, where
+    /// parents refuse it and where it would overrule writes made later
+    /// elsewhere; [`HlcClock::recover`] starts again from the wall clock.
+    pub fn runs_ahead(&self, now_ms: u64, max_ahead_ms: u64) -> bool {
+        self.last.physical_ms > now_ms.saturating_add(max_ahead_ms)
+    }
+
+    /// Starts again from the wall clock `now_ms`, below values issued
+    /// before (the one deliberate step back of an HLC). Callers keep two
+    /// rules that make it safe: a local write observes the stamps of the
+    /// item it changes before it ticks, so it still wins over them; and
+    /// only writes no other node holds yet are re-stamped
+    /// ([`crate::item::Item::restamp`]).
+    pub fn recover(&mut self, now_ms: u64) {
+        self.last = Hlc {
+            physical_ms: now_ms,
+            logical: 0,
+        };
+    }
+
     fn next_hlc(&self, now_ms: u64) -> Hlc {
         if now_ms > self.last.physical_ms {
             Hlc {
@@ -132,6 +155,24 @@ impl HlcClock {
         } else {
             self.last.successor()
         }
+    }
+}
+
+/// The time a node stamps with: its wall clock `wall_ms`, but never more
+/// than `slack_ms` (half the policy's `max_clock_skew_ms`) ahead of its
+/// parent's clock `parent_ms` (as last measured, carried forward by a
+/// monotonic clock; `None` before the first handshake and at the root).
+///
+/// Only a node ahead of its parent is held back: the parent refuses stamps
+/// beyond its own clock plus the skew, so such a node would otherwise stop
+/// its link (and, at a province, its whole subtree) for as long as its
+/// clock is wrong, and its stamps would overrule writes made later
+/// elsewhere. A node behind its parent is never moved forward, so a root
+/// whose clock jumps ahead does not drag the tree with it.
+pub fn bounded_now(wall_ms: u64, parent_ms: Option<u64>, slack_ms: u64) -> u64 {
+    match parent_ms {
+        Some(p) => wall_ms.min(p.saturating_add(slack_ms)),
+        None => wall_ms,
     }
 }
 
@@ -234,5 +275,42 @@ mod tests {
                 prev = s;
             }
         }
+    }
+
+    #[test]
+    fn runs_ahead_only_beyond_the_bound() {
+        let c = HlcClock::resume(
+            node(),
+            Hlc {
+                physical_ms: 10_000,
+                logical: 3,
+            },
+        );
+        assert!(!c.runs_ahead(9_000, 1_000));
+        assert!(c.runs_ahead(8_999, 1_000));
+    }
+
+    #[test]
+    fn recover_stamps_at_the_wall_clock_again() {
+        let mut c = HlcClock::resume(
+            node(),
+            Hlc {
+                physical_ms: 3_600_000,
+                logical: 0,
+            },
+        );
+        c.recover(1_000);
+        assert_eq!(c.tick(1_000).hlc.physical_ms, 1_000);
+        assert_eq!(c.tick(2_000).hlc.physical_ms, 2_000);
+    }
+
+    #[test]
+    fn a_node_ahead_of_its_parent_is_held_back_and_one_behind_is_not() {
+        assert_eq!(bounded_now(10_000, None, 500), 10_000);
+        assert_eq!(bounded_now(10_000, Some(10_000), 500), 10_000);
+        assert_eq!(bounded_now(10_400, Some(10_000), 500), 10_400);
+        assert_eq!(bounded_now(3_600_000, Some(0), 500), 500);
+        // behind: never moved forward by its parent
+        assert_eq!(bounded_now(0, Some(3_600_000), 500), 0);
     }
 }

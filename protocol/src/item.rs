@@ -6,12 +6,12 @@
 //! record type is the thin composition DESIGN.md asks for (sorted fields, one
 //! register each) rather than a `crdts::Map`, which costs ~10x per merge.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crdts::{CvRDT, LWWReg};
 use serde::{Deserialize, Serialize};
 
-use crate::clock::{Hlc, Stamp};
+use crate::clock::{Hlc, HlcClock, Stamp};
 use crate::id::NodeId;
 use crate::value::Value;
 
@@ -274,6 +274,33 @@ impl Record {
             .chain(self.fields.values().map(|r| &r.marker))
     }
 
+    /// See [`Item::restamp`].
+    fn restamp(&mut self, clock: &mut HlcClock, now_ms: u64, above: Hlc, own: &NodeId) -> bool {
+        let movable = |s: &Stamp| s.origin == *own && s.hlc > above;
+        let kept = self.stamps().filter(|s| !movable(s)).max().cloned();
+        let old: BTreeSet<Stamp> = self
+            .stamps()
+            .filter(|s| movable(s) && kept.as_ref().is_none_or(|k| *s > k))
+            .cloned()
+            .collect();
+        if old.is_empty() {
+            return false;
+        }
+        if let Some(k) = &kept {
+            clock.observe(k.hlc);
+        }
+        let new: BTreeMap<Stamp, Stamp> =
+            old.into_iter().map(|s| (s, clock.tick(now_ms))).collect();
+        let markers = std::iter::once(&mut self.base.marker)
+            .chain(self.fields.values_mut().map(|r| &mut r.marker));
+        for m in markers {
+            if let Some(n) = new.get(m) {
+                *m = n.clone();
+            }
+        }
+        true
+    }
+
     /// Drops every register written by an origin `keep` refuses (the base
     /// becomes empty if it was one of them); returns how many were dropped.
     /// The rest is the state of the kept writes alone: merging it with the
@@ -403,6 +430,36 @@ impl Item {
     pub fn is_deleted(&self) -> bool {
         matches!(self, Item::Record(r) if r.is_deleted())
     }
+
+    /// Gives the clock's own writes in this item stamped after `above` new
+    /// stamps from `clock` at wall time `now_ms`; returns whether anything
+    /// changed. Used after a clock jump ahead, for writes no other node
+    /// holds yet, so that they stop overruling what others write later.
+    ///
+    /// Order is kept: the new stamps follow one another as the old ones
+    /// did, and come after every stamp the item keeps (the clock observes
+    /// the highest first), so what was visible stays visible and a PUT's
+    /// fields keep their base's stamp. Own stamps that another origin's
+    /// kept stamp outranks are left as they are (re-stamping them above it
+    /// would change who wins).
+    pub fn restamp(&mut self, clock: &mut HlcClock, now_ms: u64, above: Hlc) -> bool {
+        let own = clock.node().clone();
+        match self {
+            Item::Record(r) => r.restamp(clock, now_ms, above, &own),
+            Item::Log(l) if l.stamp.origin == own && l.stamp.hlc > above => {
+                l.stamp = clock.tick(now_ms);
+                true
+            }
+            Item::Log(_) => false,
+            Item::Counters(c) => match c.shares.get_mut(&own) {
+                Some(share) if share.version > above => {
+                    share.version = clock.tick(now_ms).hlc;
+                    true
+                }
+                _ => false,
+            },
+        }
+    }
 }
 
 #[cfg(test)]
@@ -425,6 +482,93 @@ pub(crate) mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), Value::Int(*v)))
             .collect()
+    }
+
+    fn own_clock(node: &str) -> HlcClock {
+        HlcClock::new(NodeId::new(node).unwrap())
+    }
+
+    /// Every HLC of millisecond `ms` is at or below it.
+    fn at(ms: u64) -> Hlc {
+        Hlc {
+            physical_ms: ms,
+            logical: u32::MAX,
+        }
+    }
+
+    #[test]
+    fn restamp_brings_own_future_writes_to_now_in_order() {
+        const HOUR: u64 = 3_600_000;
+        let mut r = Record::default();
+        r.patch(
+            [("old".to_string(), Some(Value::Int(0)))].into(),
+            stamp(500, "nb"),
+        );
+        r.put(doc(&[("a", 1), ("b", 2)]), stamp(HOUR, "hz"));
+        r.patch(
+            [("c".to_string(), Some(Value::Int(3)))].into(),
+            stamp(HOUR + 1, "hz"),
+        );
+        let before: Vec<(String, Value)> = r
+            .document()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let mut item = Item::Record(r);
+        let mut clock = own_clock("hz");
+        assert!(item.restamp(&mut clock, 1_000, at(1_000)));
+        let Item::Record(r) = &item else { panic!() };
+        let after: Vec<(String, Value)> = r
+            .document()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        assert_eq!(before, after, "values and visibility do not change");
+        assert!(r.stamps().all(|s| s.hlc.physical_ms <= 1_000), "{r:?}");
+        let (_, base) = r.base();
+        let stamp_of = |f: &str| {
+            r.fields()
+                .find(|(k, _, _)| *k == f)
+                .map(|(_, _, s)| s.clone())
+        };
+        assert_eq!(
+            stamp_of("a").as_ref(),
+            Some(base),
+            "a PUT's fields keep its stamp"
+        );
+        assert!(
+            stamp_of("c").unwrap() > *base,
+            "the later patch stays later"
+        );
+        // Idempotent: nothing is left to move.
+        assert!(!item.restamp(&mut clock, 1_000, at(1_000)));
+    }
+
+    #[test]
+    fn restamp_leaves_what_another_origin_outranks_and_others_writes() {
+        let mut r = Record::default();
+        r.patch(
+            [("f".to_string(), Some(Value::Int(1)))].into(),
+            stamp(9_000, "hz"),
+        );
+        r.patch(
+            [("g".to_string(), Some(Value::Int(2)))].into(),
+            stamp(9_500, "nb"),
+        );
+        let mut item = Item::Record(r.clone());
+        assert!(!item.restamp(&mut own_clock("hz"), 1_000, at(1_000)));
+        assert_eq!(item, Item::Record(r));
+        let mut log = Item::Log(LogEntry {
+            fields: doc(&[("amount", 5)]),
+            stamp: stamp(9_000, "nb"),
+        });
+        assert!(!log.restamp(&mut own_clock("hz"), 1_000, at(1_000)));
+        let mut own_log = Item::Log(LogEntry {
+            fields: doc(&[("amount", 5)]),
+            stamp: stamp(9_000, "hz"),
+        });
+        assert!(own_log.restamp(&mut own_clock("hz"), 1_000, at(1_000)));
+        assert_eq!(own_log.max_stamp().unwrap().hlc.physical_ms, 1_000);
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub struct UplinkStatus {
     pub connects: u64,
     /// This node's clock minus the parent's, in ms, at the last handshake.
     pub clock_offset_ms: Option<i64>,
+    /// How far this node stamps behind its own wall clock, in ms, because
+    /// that clock was found ahead of the parent's (0 when it is not).
+    pub clock_correction_ms: u64,
 }
 
 /// A child link as operators see it.

@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::status::LinkStatus;
 use super::{LinkError, blocking, read_frame, write_frame};
 use crate::config::ParentSection;
-use crate::store::Store;
+use crate::store::{ParentView, Store};
 
 /// Most batches in flight without an acknowledgement.
 pub const WINDOW: usize = 8;
@@ -274,8 +274,24 @@ async fn connect_and_stream(
             f = frames.recv() => match f {
                 Some(Ok(Some((frame, _)))) => {
                     heard = tokio::time::Instant::now();
-                    if let Frame::Welcome { now_ms, resume_from, .. } = &frame {
+                    if let Frame::Welcome { now_ms, resume_from, resume_hlc } = &frame {
                         check_clock(ctx, *now_ms);
+                        // Writes stamped while this node's clock ran ahead
+                        // get new stamps before anything is streamed, or the
+                        // parent would refuse them (`store/clock.rs`).
+                        let view = ParentView {
+                            resume_from: *resume_from,
+                            resume_hlc: *resume_hlc,
+                            parent_now_ms: *now_ms,
+                        };
+                        let store = ctx.store.clone();
+                        if let Some(inc) =
+                            blocking(move || store.restamp_unshipped(crate::now_ms(), view)).await?
+                        {
+                            metrics::counter!("tiersync_reincarnations_total").increment(1);
+                            session.reincarnated(inc);
+                            continue;
+                        }
                         // The parent holds no more than its cursor (it may
                         // have been restored): nothing above it may be
                         // trimmed, and the snapshot decision needs the
@@ -308,22 +324,38 @@ async fn connect_and_stream(
 /// Compares this node's clock with the parent's (from its Welcome), as
 /// CockroachDB checks every peer against its maximum clock offset: the offset
 /// is a metric, and beyond half the policy's `max_clock_skew_ms` an error
-/// says which clock to fix before the parent starts refusing this node's
-/// stamps.
+/// says which clock to fix. The measurement also bounds this node's time
+/// ([`crate::now_ms`]): it never stamps beyond half the skew ahead of its
+/// parent, so the parent keeps taking its writes and its subtree keeps
+/// replicating while its clock is wrong.
 fn check_clock(ctx: &UplinkCtx, parent_now_ms: u64) {
-    let offset = crate::now_ms() as i64 - parent_now_ms as i64;
+    let wall = crate::wall_ms();
+    let offset = wall as i64 - parent_now_ms as i64;
     let max = ctx.policy.limits.max_clock_skew_ms;
-    metrics::gauge!("tiersync_clock_offset_seconds", "peer" => ctx.parent.id.to_string())
+    let peer = ctx.parent.id.to_string();
+    metrics::gauge!("tiersync_clock_offset_seconds", "peer" => peer.clone())
         .set(offset as f64 / 1000.0);
-    ctx.status.uplink(|s| s.clock_offset_ms = Some(offset));
+    crate::set_parent_clock(parent_now_ms, max / 2);
+    let correction = wall.saturating_sub(crate::now_ms());
+    metrics::gauge!("tiersync_clock_correction_seconds").set(correction as f64 / 1000.0);
+    ctx.status.uplink(|s| {
+        s.clock_offset_ms = Some(offset);
+        s.clock_correction_ms = correction;
+    });
     if offset.unsigned_abs() > max / 2 {
         tracing::error!(
             offset_ms = offset,
             max_clock_skew_ms = max,
             parent = %ctx.parent.id,
-            "this node's clock is {} ms {} its parent's: fix its time source (NTP); beyond {max} ms ahead the parent refuses its writes",
+            correction_ms = correction,
+            "this node's clock is {} ms {} its parent's: fix its time source (NTP); {}",
             offset.unsigned_abs(),
             if offset > 0 { "ahead of" } else { "behind" },
+            if correction > 0 {
+                "until then it stamps its writes at most half the allowed skew ahead of its parent"
+            } else {
+                "its writes lose to concurrent writes stamped by correct clocks"
+            },
         );
     }
 }

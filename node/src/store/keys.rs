@@ -35,6 +35,9 @@ pub const META_COUNTERS_V2: &[u8] = b"counters_v2";
 pub const META_PARENT: &[u8] = b"parent";
 /// Present once the per-category item counts below are kept.
 pub const META_COUNTS: &[u8] = b"counts";
+/// Present while this node holds writes stamped by a clock that ran ahead,
+/// to be re-stamped at its next Welcome (`store/clock.rs`).
+pub const META_RESTAMP: &[u8] = b"restamp";
 /// Prefix of the live (not deleted) item count of each declared category,
 /// written in the WriteBatch of every mutation that changes it.
 pub const COUNT_PREFIX: &[u8] = b"count/";

@@ -7,6 +7,7 @@
 //! [`Durability::Fsync`] the group shares one WAL fsync before any of them is
 //! acknowledged (group commit).
 
+mod clock;
 mod conflicts;
 pub use conflicts::{ConflictPage, OverwriteExample, OverwriteSummary};
 pub mod keys;
@@ -32,6 +33,7 @@ use tiersync_protocol::{
 use tokio::sync::watch;
 
 use crate::config::Durability;
+pub use clock::ParentView;
 use keys::*;
 
 /// A failure of the store itself (not of one request).
@@ -406,6 +408,9 @@ pub struct Store {
     acked: AtomicU64,
     /// Serializes trims with resets of `acked`.
     trim_lock: Mutex<()>,
+    /// This node has no parent (it re-stamps its own writes at once after a
+    /// clock jump: `store/clock.rs`).
+    root: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -508,7 +513,23 @@ impl Store {
             node: node.clone(),
             aggs,
             writer: Mutex::new(WriterState {
-                clock: HlcClock::resume(node, hlc),
+                // One millisecond past what was persisted: changes lost
+                // since (not synced, or a `buffered` node's) must not be
+                // reissued with the same HLCs, which a parent's cursor check
+                // relies on. With a clock running ahead of the wall clock
+                // (after a re-stamp, or observing a child) ticks only count
+                // the logical part, and would repeat the lost ones.
+                clock: HlcClock::resume(
+                    node,
+                    if hlc == Hlc::ZERO {
+                        hlc
+                    } else {
+                        Hlc {
+                            physical_ms: hlc.physical_ms.saturating_add(1),
+                            logical: 0,
+                        }
+                    },
+                ),
                 last_seq,
                 counts: BTreeMap::new(),
             }),
@@ -516,6 +537,7 @@ impl Store {
             trimmed_upto: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             trim_lock: Mutex::new(()),
+            root: std::sync::atomic::AtomicBool::new(false),
         };
         let first_live = store
             .db
@@ -637,6 +659,15 @@ impl Store {
             staged.push((category, n));
         }
         Ok(staged)
+    }
+
+    /// Declares whether this node has a parent (`false` until told).
+    pub fn set_root(&self, root: bool) {
+        self.root.store(root, Ordering::SeqCst);
+    }
+
+    fn is_root(&self) -> bool {
+        self.root.load(Ordering::SeqCst)
     }
 
     /// The random id of this data directory's history: set at creation and
@@ -805,6 +836,7 @@ impl Store {
     ) -> Result<Vec<Result<Applied, WriteError>>, StoreError> {
         let mut state = self.lock()?;
         self.check_running()?;
+        self.check_clock(&mut state, now_ms)?;
         let mut results: Vec<Result<Applied, WriteError>> = mutations
             .into_iter()
             .map(|m| self.apply_one(&mut state, m, now_ms))
@@ -875,6 +907,11 @@ impl Store {
         let current = self.get(category, key)?;
         let old = current.clone();
         let mut clock = state.clock.clone();
+        // A write outranks what it replaces, even when the item carries a
+        // stamp from before the clock recovered from a jump ahead.
+        if let Some(newest) = current.as_ref().and_then(Item::max_stamp) {
+            clock.observe(newest.hlc);
+        }
         let stamp = clock.tick(now_ms);
         let (category, key) = (category.to_string(), key.to_string());
         let item = match m {

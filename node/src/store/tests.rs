@@ -215,9 +215,16 @@ fn hlc_survives_reopen_and_wall_clock_steps_back() {
         one(&s, put("a", doc(&[])), 10_000_000).unwrap().stamp
     };
     let s = open(dir.path());
-    assert_eq!(s.clock_last().unwrap(), first.hlc);
-    // The wall clock went back an hour while the node was down.
-    let second = one(&s, put("b", doc(&[])), 10_000_000 - 3_600_000)
+    // A millisecond past what was persisted: lost changes are never
+    // reissued with their HLCs.
+    assert_eq!(
+        s.clock_last().unwrap().physical_ms,
+        first.hlc.physical_ms + 1
+    );
+    // The wall clock went back a minute (within the allowed skew) while
+    // the node was down: stamps stay above. Beyond the skew the clock
+    // recovers instead (`a_root_restamps_…`, `a_child_restamps_…`).
+    let second = one(&s, put("b", doc(&[])), 10_000_000 - 60_000)
         .unwrap()
         .stamp;
     assert!(second > first);
@@ -684,4 +691,116 @@ fn cursors_of_an_older_store_still_read() {
     s.db.put_cf(s.cf(CF_CURSORS).unwrap(), cursor_key(&child), old)
         .unwrap();
     assert_eq!(s.cursor(&child, 7).unwrap(), (12, Hlc::ZERO));
+}
+
+const HOUR: u64 = 3_600_000;
+
+fn newest(s: &Store, key: &str) -> Stamp {
+    s.get("customer", key)
+        .unwrap()
+        .unwrap()
+        .max_stamp()
+        .unwrap()
+        .clone()
+}
+
+fn patch(key: &str, field: &str, v: i64) -> Mutation {
+    Mutation::Patch {
+        category: "customer".into(),
+        key: key.into(),
+        fields: [(field.to_string(), Some(Value::Int(v)))].into(),
+    }
+}
+
+#[test]
+fn a_root_restamps_its_own_future_writes_when_its_clock_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.set_root(true);
+    one(&s, put("early", doc(&[("a", 1)])), 5_000).unwrap();
+    // The wall clock jumps an hour ahead, then back.
+    one(&s, put("ahead", doc(&[("a", 2)])), HOUR + 10_000).unwrap();
+    assert_eq!(newest(&s, "ahead").hlc.physical_ms, HOUR + 10_000);
+    let last = s.last_seq().unwrap();
+    let back = one(&s, put("back", doc(&[("a", 3)])), 20_000).unwrap();
+    assert!(back.stamp.hlc.physical_ms < HOUR, "{}", back.stamp);
+    let ahead = newest(&s, "ahead");
+    assert!(ahead.hlc.physical_ms <= 20_000, "{ahead}");
+    assert!(
+        back.stamp > ahead,
+        "the re-stamp comes before the write that found it"
+    );
+    assert_eq!(newest(&s, "early").hlc.physical_ms, 5_000, "untouched");
+    assert_eq!(visible(&s, "customer", "ahead"), Some(doc(&[("a", 2)])));
+    // The re-stamped item travels: a changelog entry names it.
+    let entries = s.changes_after(last, 10).unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|(_, e)| e.item() == Some(("customer", "ahead"))),
+        "{entries:?}"
+    );
+    // Durable: the clock resumes below the jump after a reopen.
+    drop(s);
+    let s = open(dir.path());
+    s.set_root(true);
+    let next = one(&s, put("later", doc(&[("a", 4)])), 30_000).unwrap();
+    assert_eq!(next.stamp.hlc.physical_ms, 30_000);
+}
+
+#[test]
+fn a_child_restamps_at_its_welcome_only_what_its_parent_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let skew = s.policy().limits.max_clock_skew_ms;
+    one(&s, put("shipped", doc(&[("a", 1)])), 5_000).unwrap();
+    let shipped_seq = s.last_seq().unwrap();
+    let shipped_hlc = s.hlc_of(shipped_seq).unwrap().unwrap();
+    one(&s, put("ahead", doc(&[("a", 2)])), HOUR + 10_000).unwrap();
+    // Back: the child stamps from the wall clock again, but leaves its
+    // future write alone until it knows what its parent holds...
+    let back = one(&s, put("back", doc(&[("a", 3)])), 20_000).unwrap();
+    assert_eq!(back.stamp.hlc.physical_ms, 20_000);
+    assert_eq!(newest(&s, "ahead").hlc.physical_ms, HOUR + 10_000);
+    // ...and a write to that item still wins over it.
+    let over = one(&s, patch("ahead", "b", 9), 21_000).unwrap();
+    assert!(over.stamp > newest_before_patch(), "{}", over.stamp);
+    // The mark survives a restart.
+    drop(s);
+    let s = open(dir.path());
+    let view = ParentView {
+        resume_from: shipped_seq,
+        resume_hlc: shipped_hlc,
+        parent_now_ms: 22_000,
+    };
+    let before = s.incarnation();
+    let inc = s.restamp_unshipped(22_000, view).unwrap();
+    assert_eq!(inc, Some(s.incarnation()), "a re-stamp is a new history");
+    assert_ne!(inc, Some(before));
+    let limit = 22_000 + skew;
+    for key in ["shipped", "ahead", "back"] {
+        let n = newest(&s, key);
+        assert!(n.hlc.physical_ms <= limit, "{key}: {n}");
+    }
+    assert_eq!(
+        newest(&s, "shipped").hlc,
+        shipped_hlc,
+        "what the parent holds stays"
+    );
+    assert_eq!(
+        visible(&s, "customer", "ahead"),
+        Some(doc(&[("a", 2), ("b", 9)]))
+    );
+    // Done: nothing is left to re-stamp.
+    assert_eq!(s.restamp_unshipped(22_000, view).unwrap(), None);
+
+    fn newest_before_patch() -> Stamp {
+        Stamp {
+            hlc: Hlc {
+                physical_ms: HOUR + 10_000,
+                logical: 0,
+            },
+            origin: NodeId::new("city-a").unwrap(),
+        }
+    }
 }
