@@ -10,6 +10,8 @@
 mod conflicts;
 pub use conflicts::{ConflictPage, OverwriteExample, OverwriteSummary};
 pub mod keys;
+pub mod tokens;
+pub use tokens::{Role, StoredToken};
 
 use std::collections::BTreeMap;
 use std::path::Path;
