@@ -86,14 +86,31 @@ impl Cluster {
     }
 
     /// The token the helpers send to `id` for `path`: admin for `/metrics`
-    /// and `/v1/tokens`, operator for the rest.
-    fn token_for(&self, id: &str, path: &str) -> String {
-        let t = self.tokens(id);
-        if path.starts_with("/metrics") || path.starts_with("/v1/tokens") {
-            t.admin
-        } else {
-            t.operator
+    /// and `/v1/tokens`, operator for the rest; for a node the harness did
+    /// not start (e.g. under a wrapper), its first admin token if written.
+    fn token_for(&self, id: &str, path: &str) -> Option<String> {
+        match self.tokens.lock().expect("tokens").get(id) {
+            Some(t) if path.starts_with("/metrics") || path.starts_with("/v1/tokens") => {
+                Some(t.admin.clone())
+            }
+            Some(t) => Some(t.operator.clone()),
+            None => {
+                let loaded = tiersync::config::load(&self.config(id)).ok()?;
+                let file = loaded
+                    .config
+                    .node
+                    .data_dir
+                    .join(tiersync::api::auth::BOOTSTRAP_FILE);
+                Some(std::fs::read_to_string(file).ok()?.trim().to_string())
+            }
         }
+    }
+
+    /// `Bearer <token>` for `id` and `path` (empty if there is none).
+    fn bearer(&self, id: &str, path: &str) -> String {
+        self.token_for(id, path)
+            .map(|t| format!("Bearer {t}"))
+            .unwrap_or_default()
     }
 
     /// After a start: the node's admin token from its data directory (a
@@ -117,7 +134,7 @@ impl Cluster {
         if known.as_ref().is_some_and(|t| t.admin == admin) {
             return;
         }
-        let url = self.url(id, "/v1/tokens");
+        let url = format!("http://{}/v1/tokens", loaded.config.listen.api);
         let create = |role: &str| {
             let r = Self::reply(
                 self.agent
@@ -352,10 +369,9 @@ impl Cluster {
         id: &str,
         path: &str,
     ) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
-        self.agent.get(&self.url(id, path)).header(
-            "authorization",
-            &format!("Bearer {}", self.token_for(id, path)),
-        )
+        self.agent
+            .get(&self.url(id, path))
+            .header("authorization", &self.bearer(id, path))
     }
 
     /// GET a path.
@@ -375,7 +391,7 @@ impl Cluster {
     /// Sends a JSON body with `method`.
     pub fn send(&self, method: &str, id: &str, path: &str, body: &Json) -> Reply {
         let url = self.url(id, path);
-        let auth = format!("Bearer {}", self.token_for(id, path));
+        let auth = self.bearer(id, path);
         let text = body.to_string();
         let r = match method {
             "PUT" => self
