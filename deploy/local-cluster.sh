@@ -74,7 +74,9 @@ stop() {
 status() {
     for n in "${nodes[@]}"; do
         echo "== $n"
-        "$bin" status --node "http://$(api_of "$n")" 2>/dev/null || echo "not running"
+        # The node's first admin token (see the README, Security).
+        "$bin" status --config "$examples/$n.toml" \
+            --token-file "$examples/data/$n/admin.token" 2>/dev/null || echo "not running"
     done
 }
 

@@ -18,6 +18,8 @@ use tiersync_tests::workspace_bin;
 struct Node {
     cluster: Cluster,
     url: String,
+    /// Its operator token.
+    token: String,
 }
 
 fn city() -> Node {
@@ -28,7 +30,12 @@ fn city() -> Node {
     });
     cluster.start("hangzhou");
     let url = cluster.url("hangzhou", "");
-    Node { cluster, url }
+    let token = cluster.token("hangzhou");
+    Node {
+        cluster,
+        url,
+        token,
+    }
 }
 
 /// What a run of the binary printed.
@@ -80,17 +87,24 @@ fn run(args: &[&str]) -> Run {
 }
 
 impl Node {
-    /// Runs `tiersync ARGS --node URL`.
+    /// Runs `tiersync ARGS --node URL --token TOKEN`.
     fn tiersync(&self, args: &[&str]) -> Run {
         let mut all = args.to_vec();
         all.extend(["--node", &self.url]);
+        self.run(&all)
+    }
+
+    /// Runs `tiersync ARGS --token TOKEN`.
+    fn run(&self, args: &[&str]) -> Run {
+        let mut all = args.to_vec();
+        all.extend(["--token", &self.token]);
         run(&all)
     }
 
     /// Runs `tiersync ARGS --node URL` with `input` on stdin.
     fn tiersync_stdin(&self, args: &[&str], input: &str) -> Run {
         let mut all = args.to_vec();
-        all.extend(["--node", &self.url]);
+        all.extend(["--node", &self.url, "--token", &self.token]);
         let mut child = command(&all)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -516,19 +530,20 @@ fn api_errors_print_the_code_and_exit_non_zero() {
 fn node_url_comes_from_config_then_env() {
     let n = city();
     let config = n.cluster.config("hangzhou").display().to_string();
-    let status = run(&["status", "--config", &config, "--json"]).json();
+    let status = n.run(&["status", "--config", &config, "--json"]).json();
     assert_eq!(status["node_id"], "hangzhou");
 
     let out = finish(
         command(&["status", "--json"])
             .env("TIERSYNC_NODE", &n.url)
+            .env("TIERSYNC_TOKEN", &n.token)
             .output()
             .unwrap(),
     );
     assert_eq!(out.json()["node_id"], "hangzhou");
 
     // --node wins over --config.
-    run(&[
+    n.run(&[
         "status",
         "--config",
         &config,
@@ -598,33 +613,36 @@ fn query_prints_aggregates_as_table_json_and_csv() {
         ("b3", "1", "2026-10-01"),
     ] {
         let doc = format!(r#"{{"customer_id": "c1", "amount": {amount}, "billed_at": "{month}"}}"#);
-        assert!(run(&["put", "billing", key, &doc, "--node", u]).ok);
+        assert!(n.run(&["put", "billing", key, &doc, "--node", u]).ok);
     }
-    let list = run(&["query", "--node", u, "--json"]).json();
+    let list = n.run(&["query", "--node", u, "--json"]).json();
     assert!(
         list.as_array()
             .unwrap()
             .iter()
             .any(|a| a["name"] == "billing_by_city_month")
     );
-    let rows = run(&["query", "billing_by_city_month", "--node", u, "--json"]).json();
+    let rows = n
+        .run(&["query", "billing_by_city_month", "--node", u, "--json"])
+        .json();
     let rows = rows["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!(rows[0]["group"]["month(billed_at)"], "2026-09");
     assert_eq!(rows[0]["values"]["count"], 2);
     assert_eq!(rows[0]["values"]["sum(amount)"], 15.0);
-    let total = run(&[
-        "query",
-        "billing_by_city_month",
-        "--group-by",
-        "",
-        "--node",
-        u,
-        "--json",
-    ])
-    .json();
+    let total = n
+        .run(&[
+            "query",
+            "billing_by_city_month",
+            "--group-by",
+            "",
+            "--node",
+            u,
+            "--json",
+        ])
+        .json();
     assert_eq!(total["rows"][0]["values"]["count"], 3);
-    let csv = run(&[
+    let csv = n.run(&[
         "query",
         "billing_by_city_month",
         "--group-by",
@@ -639,7 +657,7 @@ fn query_prints_aggregates_as_table_json_and_csv() {
         Some("month(billed_at),count,sum(amount)")
     );
     assert!(csv.stdout.contains("2026-10,1,1.0"), "{}", csv.stdout);
-    let table = run(&[
+    let table = n.run(&[
         "query",
         "billing_by_city_month",
         "--filter",
@@ -652,8 +670,9 @@ fn query_prints_aggregates_as_table_json_and_csv() {
         "{}",
         table.stdout
     );
-    run(&["query", "nope", "--node", u]).assert_failed_with("unknown_aggregate");
-    run(&[
+    n.run(&["query", "nope", "--node", u])
+        .assert_failed_with("unknown_aggregate");
+    n.run(&[
         "query",
         "billing_by_city_month",
         "--group-by",

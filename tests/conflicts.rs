@@ -183,8 +183,10 @@ fn conflicts_are_kept_at_every_tier_and_replicate_up() {
 
     // The CLI prints the ledger: key, both origins, both amounts.
     let url = c.url(&national, "");
+    let token = c.token(&national);
     let out = Command::new(workspace_bin("tiersync"))
         .args(["conflicts", "--category", "billing", "--node", &url])
+        .args(["--token", &token])
         .env("RUST_LOG", "warn")
         .output()
         .expect("run tiersync conflicts");
@@ -209,6 +211,7 @@ fn conflicts_are_kept_at_every_tier_and_replicate_up() {
     }
     let out = Command::new(workspace_bin("tiersync"))
         .args(["conflicts", "--origin", &far, "--json", "--node", &url])
+        .args(["--token", &token])
         .env("RUST_LOG", "warn")
         .output()
         .expect("run tiersync conflicts --json");

@@ -50,6 +50,16 @@ fn demo_converges_and_keeps_private_data_at_cities() {
         assert_eq!(tiers[tier]["service_activity"], 0);
     }
     assert!(tiers["city"]["opportunity"].as_u64().unwrap() > 0);
+    // Each node's operator and analyst tokens, readable by this user only.
+    for n in nodes {
+        for key in ["operator_token_file", "analyst_token_file"] {
+            use std::os::unix::fs::PermissionsExt;
+            let file = n[key].as_str().unwrap();
+            let meta = std::fs::metadata(file).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{file}");
+            assert!(std::fs::read_to_string(file).unwrap().starts_with("tst_"));
+        }
+    }
     // The deployment it wrote can be checked (and run) node by node.
     let check = Command::new(workspace_bin("tiersync"))
         .args(["config", "check"])

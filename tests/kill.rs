@@ -64,7 +64,7 @@ fn sigkill_parent_and_child_while_a_writer_streams() {
     let seed = env_seed(0x5e_7c11);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut c = chain();
-    let writer = AckedWriter::start(c.api("hangzhou"), "w");
+    let writer = AckedWriter::start(c.api("hangzhou"), &c.token("hangzhou"), "w");
     let mut restarts = Vec::new();
     let (mut parent_kills, mut child_kills) = (0usize, 0usize);
     let mut cycle = 0;
@@ -123,7 +123,7 @@ fn fail_points_crash_nodes_without_losing_acknowledged_writes() {
     ];
     let rounds = env_count("TIERSYNC_FAILPOINT_ROUNDS", 1);
     let mut c = chain();
-    let writer = AckedWriter::start(c.api("hangzhou"), "f");
+    let writer = AckedWriter::start(c.api("hangzhou"), &c.token("hangzhou"), "f");
     let mut restarts = Vec::new();
     for (point, victim, actions) in (0..rounds).flat_map(|_| cases) {
         c.kill(victim);

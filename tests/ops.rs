@@ -226,6 +226,8 @@ fn reload(c: &Cluster, id: &str) -> Output {
         "reload",
         "--config",
         c.config(id).to_str().unwrap(),
+        "--token",
+        &c.token(id),
         "--timeout",
         "30",
     ])
@@ -234,11 +236,20 @@ fn reload(c: &Cluster, id: &str) -> Output {
 /// `tiersync reload --node URL`: when the file names another API address.
 fn reload_at(c: &Cluster, id: &str) -> Output {
     let url = format!("http://{}", c.api(id));
-    tiersync(&["reload", "--node", &url, "--timeout", "30"])
+    tiersync(&[
+        "reload",
+        "--node",
+        &url,
+        "--token",
+        &c.token(id),
+        "--timeout",
+        "30",
+    ])
 }
 
 fn metrics_text(c: &Cluster, id: &str) -> String {
     ureq::get(&c.url(id, "/metrics"))
+        .header("authorization", &format!("Bearer {}", c.tokens(id).admin))
         .call()
         .unwrap()
         .body_mut()
@@ -580,7 +591,8 @@ fn error_messages_say_what_to_do() {
     c.start("national");
     let url = format!("http://{}", c.api("national"));
     // An unknown category lists the declared ones.
-    let out = tiersync(&["get", "orders", "k", "--node", &url]);
+    let token = c.token("national");
+    let out = tiersync(&["get", "orders", "k", "--node", &url, "--token", &token]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(

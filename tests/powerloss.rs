@@ -266,7 +266,7 @@ fn ingest_loses_no_acknowledged_write_at_power_cuts_of_the_city() {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut c = chain_with_powerfs(CITY);
     c.start_all();
-    let writer = AckedWriter::start(c.api(CITY), "p");
+    let writer = AckedWriter::start(c.api(CITY), &c.token(CITY), "p");
     let seen = cut_loop(&mut c, &writer, CITY, cuts, &mut rng, true);
     let (acked, _) = writer.finish();
     assert!(
@@ -304,7 +304,7 @@ fn control_buffered_durability_loses_acknowledged_writes_at_power_cuts() {
     let mut c = chain_with_powerfs(CITY);
     c.set_durability(CITY, "buffered");
     c.start_all();
-    let writer = AckedWriter::start(c.api(CITY), "b");
+    let writer = AckedWriter::start(c.api(CITY), &c.token(CITY), "b");
     let seen = cut_loop(&mut c, &writer, CITY, cuts, &mut rng, false);
     let (acked, _) = writer.finish();
     c.stop(CITY);
@@ -337,7 +337,7 @@ fn replication_loses_no_acknowledged_write_at_power_cuts_of_the_province() {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut c = chain_with_powerfs(PROVINCE);
     c.start_all();
-    let writer = AckedWriter::start(c.api(CITY), "r");
+    let writer = AckedWriter::start(c.api(CITY), &c.token(CITY), "r");
     let seen = cut_loop(&mut c, &writer, PROVINCE, cuts, &mut rng, true);
     let (acked, _) = writer.finish();
     assert!(

@@ -524,12 +524,23 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// The admin token `refused` reads the metrics with.
+static METRICS_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// A client of the API at `api` with [`METRICS_TOKEN`].
+fn metrics_client(api: std::net::SocketAddr) -> tiersync::client::Client {
+    let token = METRICS_TOKEN.get().cloned().unwrap_or_default();
+    tiersync::client::Client::with_credentials(
+        &api.to_string(),
+        Duration::from_secs(10),
+        &tiersync::client::Credentials::token(token),
+    )
+    .unwrap()
+}
+
 /// How many connections the parent at `api` refused for `reason`.
 fn refused(api: std::net::SocketAddr, reason: &str) -> usize {
-    let text = tiersync::client::Client::new(&api.to_string(), Duration::from_secs(10))
-        .unwrap()
-        .metrics()
-        .unwrap();
+    let text = metrics_client(api).metrics().unwrap();
     tiersync::client::metric_value(&text, "tiersync_link_refused_total", &[("reason", reason)])
         .unwrap_or(0.0) as usize
 }
@@ -547,6 +558,7 @@ fn a_flood_of_connection_attempts_is_refused_while_real_children_are_served() {
     rogue_certificate(&c);
     let pid = c.pid("zhejiang").unwrap();
     let api = c.api("zhejiang");
+    let _ = METRICS_TOKEN.set(c.tokens("zhejiang").admin);
     let rss_before = rss_kib(pid);
     let certs = c.dir.path().join("certs");
     let tls = TlsSection {
@@ -608,8 +620,7 @@ fn a_flood_of_connection_attempts_is_refused_while_real_children_are_served() {
             saturated.is_some(),
             "the flood never reached the per-address cap ({} attempts made; {:?})",
             made.load(Ordering::SeqCst),
-            tiersync::client::Client::new(&api.to_string(), Duration::from_secs(10))
-                .unwrap()
+            metrics_client(api)
                 .metrics()
                 .unwrap()
                 .lines()

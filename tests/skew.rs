@@ -45,6 +45,7 @@ fn start_skewed(c: &Cluster, id: &str, offset: &str) -> ProcessGroup {
         "{id} did not start under faketime: {}",
         c.log(id)
     );
+    c.adopt(id);
     child
 }
 

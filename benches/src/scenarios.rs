@@ -81,9 +81,10 @@ pub struct Convergence {
 }
 
 fn client(c: &Cluster, id: &str) -> Result<Client> {
-    Ok(Client::new(
+    Ok(Client::with_credentials(
         &format!("http://{}", c.api(id)),
         Duration::from_secs(120),
+        &tiersync::client::Credentials::token(c.token(id)),
     )?)
 }
 

@@ -428,6 +428,19 @@ pub fn issue(
     tier: Option<Tier>,
     validity_days: u32,
 ) -> Result<CertFiles, CertError> {
+    issue_with_hosts(dir, node_id, tier, validity_days, &[])
+}
+
+/// [`issue`], with extra SANs clients of the node's HTTPS API name it by:
+/// IP addresses, or DNS names with a dot (never a bare name: it would read
+/// as a second node id).
+pub fn issue_with_hosts(
+    dir: &Path,
+    node_id: &NodeId,
+    tier: Option<Tier>,
+    validity_days: u32,
+    api_hosts: &[String],
+) -> Result<CertFiles, CertError> {
     if !(1..=MAX_VALIDITY_DAYS).contains(&validity_days) {
         return Err(CertError::Validity(validity_days));
     }
@@ -457,6 +470,12 @@ pub fn issue(
         sans.push(SanType::DnsName(
             tier_san(tier).try_into().map_err(generate)?,
         ));
+    }
+    for host in api_hosts {
+        sans.push(match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(host.as_str().try_into().map_err(generate)?),
+        });
     }
     params.subject_alt_names = sans;
     params.is_ca = IsCa::ExplicitNoCa;

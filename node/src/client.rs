@@ -10,8 +10,12 @@
 //! reading CSV and NDJSON files into NDJSON chunks whose lines remember
 //! their line number in the input file ([`Chunker`]).
 
+pub mod auth;
 mod conflicts;
+mod tokens;
+pub use auth::Credentials;
 pub use conflicts::ConflictQuery;
+pub use tokens::TokenInfo;
 
 use std::io::{BufRead, Read};
 use std::path::Path;
@@ -59,6 +63,12 @@ pub enum ClientError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The token or CA could not be read.
+    #[error("credentials: {reason}")]
+    Credentials {
+        /// What is wrong.
+        reason: String,
+    },
     /// The base URL is not usable.
     #[error("invalid node URL {url:?}: {reason}")]
     BadUrl {
@@ -79,10 +89,16 @@ impl ClientError {
     }
 }
 
-/// The base URL of a node's API from a node file: `http://<listen.api>`,
-/// with an unspecified address (`0.0.0.0`, `::`) replaced by loopback.
+/// The base URL of a node's API from a node file: `http://<listen.api>`
+/// (`https://` with `[api] tls`), with an unspecified address (`0.0.0.0`,
+/// `::`) replaced by loopback.
 pub fn url_from_config(file: &Path) -> anyhow::Result<String> {
     let loaded = crate::config::load(file)?;
+    let scheme = if loaded.config.api.tls {
+        "https"
+    } else {
+        "http"
+    };
     let mut addr = loaded.config.listen.api;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr.ip() {
@@ -90,7 +106,16 @@ pub fn url_from_config(file: &Path) -> anyhow::Result<String> {
             std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
-    Ok(format!("http://{addr}"))
+    Ok(format!("{scheme}://{addr}"))
+}
+
+/// The CA of a node file's `[tls]` when its API speaks TLS.
+pub fn ca_from_config(file: &Path) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let loaded = crate::config::load(file)?;
+    Ok(match (&loaded.config.tls, loaded.config.api.tls) {
+        (Some(t), true) => Some(t.ca.clone()),
+        _ => None,
+    })
 }
 
 /// The node's base URL: `node` if given, else from the node file `config`,
@@ -185,32 +210,74 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client for the API at `base_url` (`http://host:port`; a bare
-    /// `host:port` means `http://`), giving up on a request after `timeout`.
+    /// A client without credentials (only `/healthz` and `/readyz` answer
+    /// it); see [`Client::with_credentials`].
     pub fn new(base_url: &str, timeout: Duration) -> Result<Self, ClientError> {
+        Self::with_credentials(base_url, timeout, &Credentials::default())
+    }
+
+    /// A client for the API at `base_url` (`http://host:port`; a bare
+    /// `host:port` means `http://`), giving up on a request after `timeout`,
+    /// sending `credentials`' token with every request.
+    pub fn with_credentials(
+        base_url: &str,
+        timeout: Duration,
+        credentials: &Credentials,
+    ) -> Result<Self, ClientError> {
         let bad = |reason: &str| ClientError::BadUrl {
             url: base_url.to_string(),
             reason: reason.to_string(),
         };
         let trimmed = base_url.trim().trim_end_matches('/');
-        let base = if trimmed.starts_with("http://") {
+        let base = if trimmed.starts_with("http://") || trimmed.starts_with("https://") {
             trimmed.to_string()
-        } else if trimmed.starts_with("https://") {
-            return Err(bad("the node API is plain HTTP; use http://"));
         } else if trimmed.contains("://") {
-            return Err(bad("only http:// URLs are supported"));
+            return Err(bad("only http:// and https:// URLs are supported"));
         } else {
             format!("http://{trimmed}")
         };
-        if base.len() <= "http://".len() {
+        let scheme_len = if base.starts_with("https://") { 8 } else { 7 };
+        if base.len() <= scheme_len {
             return Err(bad("no host"));
         }
         base.parse::<ureq::http::Uri>()
             .map_err(|e| bad(&e.to_string()))?;
+        let authorization = match &credentials.token {
+            Some(t) => Some(
+                ureq::http::HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
+                    ClientError::Credentials {
+                        reason: "the token is not a valid header value".into(),
+                    }
+                })?,
+            ),
+            None => None,
+        };
+        let tls = if base.starts_with("https://") {
+            let ca = credentials.ca.as_deref().ok_or_else(|| ClientError::Credentials {
+                reason: format!(
+                    "{base} is https: give the deployment CA that signs its certificate (--ca FILE, ${}, or --config FILE)",
+                    auth::CA_ENV
+                ),
+            })?;
+            auth::tls_config(ca)?
+        } else {
+            ureq::tls::TlsConfig::default()
+        };
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(timeout.min(Duration::from_secs(10))))
             .timeout_global(Some(timeout))
+            .tls_config(tls)
+            .middleware(
+                move |mut req: ureq::http::Request<ureq::SendBody>,
+                      next: ureq::middleware::MiddlewareNext| {
+                    if let Some(v) = &authorization {
+                        req.headers_mut()
+                            .insert(ureq::http::header::AUTHORIZATION, v.clone());
+                    }
+                    next.handle(req)
+                },
+            )
             .build()
             .new_agent();
         Ok(Self { base, agent })

@@ -145,12 +145,41 @@ impl Default for StorageSection {
 pub struct ApiSection {
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Requests a second each API token may make on average (0: no limit);
+    /// beyond it the API answers 429 `rate_limited` to that token only.
+    pub rate_limit_per_second: u32,
+    /// Requests a token may make at once above its average rate.
+    pub rate_limit_burst: u32,
+    /// Serve the API over TLS (HTTPS) with this node's `[tls]` certificate
+    /// and key. Required unless `listen.api` is a loopback address.
+    pub tls: bool,
+    /// Host names (or addresses) clients may name in the `Host` header,
+    /// besides `localhost`, loopback addresses, the `listen.api` address
+    /// and the node id; `"*"` accepts any (turns the DNS-rebinding check
+    /// off).
+    pub hosts: Vec<String>,
+    /// Time a client has to send a request's headers before its
+    /// connection is dropped (e.g. `"10s"`).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: std::time::Duration,
+    /// Time a request may take, reading its body included (408 after it).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: std::time::Duration,
+    /// Most client connections open at once; more are closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for ApiSection {
     fn default() -> Self {
         Self {
             max_body_bytes: 16 * 1024 * 1024,
+            rate_limit_per_second: 1000,
+            rate_limit_burst: 2000,
+            tls: false,
+            hosts: Vec::new(),
+            header_timeout: std::time::Duration::from_secs(10),
+            request_timeout: std::time::Duration::from_secs(120),
+            max_connections: 1024,
         }
     }
 }
@@ -342,6 +371,33 @@ impl NodeConfig {
                 "listen.peer",
                 "missing: a node with children needs the QUIC address they connect to",
             ));
+        }
+        let api_ip = self.listen.api.ip();
+        if !api_ip.is_loopback() && !self.api.tls {
+            return Err(invalid(
+                file,
+                "api.tls",
+                format!(
+                    "api listens on {api_ip} without TLS: set [api] tls = true (served with the node's [tls] certificate), or listen on 127.0.0.1"
+                ),
+            ));
+        }
+        if self.api.tls && self.tls.is_none() {
+            return Err(invalid(
+                file,
+                "tls",
+                "missing: [api] tls = true serves the API with [tls] cert and key",
+            ));
+        }
+        if self.api.header_timeout.is_zero() || self.api.request_timeout.is_zero() {
+            return Err(invalid(
+                file,
+                "api",
+                "header_timeout and request_timeout must be above 0",
+            ));
+        }
+        if self.api.max_connections == 0 {
+            return Err(invalid(file, "api.max_connections", "must be at least 1"));
         }
         if self.listen.peer == Some(self.listen.api) {
             return Err(invalid(

@@ -99,16 +99,59 @@ fn start_node(exe: &Path, node: &GenNode, logs: &Path) -> Result<Child> {
         .with_context(|| format!("starting {}; see {}", node.id, log_path.display()))
 }
 
-/// The API of `node` (one place for HTTP: `crate::client`).
+/// The API of `node` (one place for HTTP: `crate::client`), with an
+/// operator token of that node.
 struct Apis(BTreeMap<String, Client>);
 
+/// Writes `token` to `file`, readable by this user only.
+fn write_token(file: &Path, token: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("creating {}", file.display()))?;
+    f.write_all(format!("{token}\n").as_bytes())
+        .with_context(|| format!("writing {}", file.display()))
+}
+
+/// The token file of `role` at `node` in the demo's `tokens/` directory.
+fn token_file(d: &Generated, node: &GenNode, role: &str) -> std::path::PathBuf {
+    d.dir.join("tokens").join(format!("{}.{role}", node.id))
+}
+
 impl Apis {
+    /// With each node's first admin token (`<data_dir>/admin.token`),
+    /// creates an operator and an analyst token there, writes them to
+    /// `tokens/<node>.<role>` (0600) and keeps an operator client.
     fn new(d: &Generated) -> Result<Self> {
         let mut m = BTreeMap::new();
+        std::fs::create_dir_all(d.dir.join("tokens"))?;
         for n in &d.nodes {
+            let base = format!("http://{}", n.api);
+            let admin_file = n.data_dir.join(crate::api::auth::BOOTSTRAP_FILE);
+            let creds = crate::client::Credentials::resolve(None, Some(&admin_file), None)?;
+            let admin = Client::with_credentials(&base, Duration::from_secs(60), &creds)?;
+            let mut operator = None;
+            for role in ["operator", "analyst"] {
+                let created = admin
+                    .token_create(&format!("demo-{role}"), role, None)
+                    .with_context(|| format!("creating the demo's {role} token at {}", n.id))?;
+                let token = created["token"].as_str().unwrap_or_default().to_string();
+                write_token(&token_file(d, n, role), &token)?;
+                if role == "operator" {
+                    operator = Some(token);
+                }
+            }
+            let creds = crate::client::Credentials {
+                token: operator,
+                ca: None,
+            };
             m.insert(
                 n.id.to_string(),
-                Client::new(&format!("http://{}", n.api), Duration::from_secs(60))?,
+                Client::with_credentials(&base, Duration::from_secs(60), &creds)?,
             );
         }
         Ok(Self(m))
@@ -459,6 +502,8 @@ fn summary(
             "parent": n.parent.as_ref().map(|p| p.as_str()),
             "api": format!("http://{}", n.api),
             "config": n.config.display().to_string(),
+            "operator_token_file": token_file(d, n, "operator").display().to_string(),
+            "analyst_token_file": token_file(d, n, "analyst").display().to_string(),
             "items": c,
             "lag_records": s["links"]["parent"]["lag_records"],
         }));
@@ -587,9 +632,30 @@ fn show(apis: &Apis, d: &Generated, summary: &Json) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&compact_view(&at_city))?);
         }
     }
-    println!("\nNode APIs:");
+    println!(
+        "\nNode APIs (each needs a token; operator and analyst tokens are in {}, mode 0600):",
+        d.dir.join("tokens").display()
+    );
     for n in &d.nodes {
         println!("  {:<10} http://{}", n.id, n.api);
+    }
+    if let Some(national) = d.nodes.first() {
+        let analyst = token_file(d, national, "analyst");
+        println!("\nTry, as an HQ analyst at {}:", national.id);
+        println!(
+            "  curl -H \"Authorization: Bearer $(cat {})\" http://{}/v1/aggregates/billing_by_city_month",
+            analyst.display(),
+            national.api
+        );
+        println!(
+            "  tiersync query billing_by_city_month --node http://{} --token-file {}",
+            national.api,
+            analyst.display()
+        );
+        println!(
+            "  (or export TIERSYNC_TOKEN=$(cat {}) and drop --token-file)",
+            analyst.display()
+        );
     }
     Ok(())
 }

@@ -181,11 +181,13 @@ pub fn generate(dir: &Path, spec: &Spec) -> Result<Generated> {
     let mut nodes = Vec::new();
     for (i, n) in plan.iter().enumerate() {
         let id = NodeId::new(n.id.clone()).context("generated node id")?;
-        certs::issue(
+        // 127.0.0.1: HTTPS clients of a local API (when `[api] tls` is on).
+        certs::issue_with_hosts(
             &cert_dir,
             &id,
             Some(n.tier),
             certs::DEFAULT_NODE_VALIDITY_DAYS,
+            &["127.0.0.1".to_string()],
         )
         .with_context(|| format!("issuing the certificate of {id}"))?;
         let mut toml = String::new();

@@ -81,6 +81,7 @@ struct Prepared {
     peer_endpoint: Option<quinn::Endpoint>,
     uplink_endpoint: Option<quinn::Endpoint>,
     client_material: Option<Arc<crate::tls::ClientMaterial>>,
+    api_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Checks certificates and binds every address `loaded` names. Nothing here
@@ -105,6 +106,12 @@ async fn prepare(loaded: &Loaded) -> Result<Prepared> {
     let api = tokio::net::TcpListener::bind(cfg.listen.api)
         .await
         .map_err(|e| anyhow::anyhow!(bind_message("listen.api", cfg.listen.api, &e)))?;
+    let api_tls = match (&cfg.tls, cfg.api.tls) {
+        (Some(tls), true) => Some(Arc::new(
+            crate::tls::api_server_config(tls).context("building the API's TLS config")?,
+        )),
+        _ => None,
+    };
     let mut peer_endpoint = None;
     let mut uplink_endpoint = None;
     let mut client_material = None;
@@ -153,6 +160,7 @@ async fn prepare(loaded: &Loaded) -> Result<Prepared> {
         peer_endpoint,
         uplink_endpoint,
         client_material,
+        api_tls,
     })
 }
 
@@ -203,6 +211,16 @@ pub async fn start(
     let prepared = prepare(loaded).await?;
     let store = Arc::new(open_store(cfg, policy.clone())?);
     store.set_root(cfg.parent.is_none());
+    // Never fails the start (the store is open): an error is logged.
+    match api::auth::bootstrap_admin(&store, &cfg.node.data_dir, crate::now_ms()) {
+        Ok(Some(file)) => tracing::warn!(
+            file = %file.display(),
+            "no valid admin token: created one (bootstrap-admin), readable only by this user in this file; \
+             create the tokens you need with it (tiersync token create), then delete the file"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "could not create the first admin token"),
+    }
     let (writer, writer_thread) =
         Writer::spawn(store.clone(), WRITE_QUEUE).context("starting the writer thread")?;
     crate::telemetry::register(cfg, &policy);
@@ -300,6 +318,21 @@ pub async fn start(
         status: Arc::new(move || status_links.to_json(&status_store)),
         metrics,
         ops: ops.clone(),
+        rate_limits: api::auth::RateLimits::new(
+            cfg.api.rate_limit_per_second,
+            cfg.api.rate_limit_burst,
+        ),
+        hosts: api::guards::allowed_hosts(
+            cfg.node.id.as_str(),
+            Some(cfg.listen.api),
+            &cfg.api.hosts,
+        ),
+        request_timeout: cfg.api.request_timeout,
+    };
+    let serve_options = api::serve::ServeOptions {
+        tls: prepared.api_tls.clone(),
+        header_timeout: cfg.api.header_timeout,
+        max_connections: cfg.api.max_connections,
     };
     let mut api_shutdown = shutdown_rx.clone();
     let listener = prepared.api;
@@ -307,7 +340,7 @@ pub async fn start(
         let stop = async move {
             let _ = api_shutdown.changed().await;
         };
-        if let Err(e) = api::serve(listener, state, stop).await {
+        if let Err(e) = api::serve_with(listener, state, serve_options, stop).await {
             tracing::error!(error = %e, "API server failed");
         }
     }));
@@ -443,9 +476,7 @@ impl Running {
             ("storage.durability", |l| {
                 format!("{:?}", l.config.storage.durability)
             }),
-            ("api.max_body_bytes", |l| {
-                l.config.api.max_body_bytes.to_string()
-            }),
+            ("api", |l| format!("{:?}", l.config.api)),
             ("tls", |l| {
                 if l.config.tls.is_some() {
                     "present"

@@ -30,6 +30,8 @@ pub const API_ROUTES: &[(&str, &[&str])] = &[
     ("/v1/aggregates", &["GET"]),
     ("/v1/aggregates/{name}", &["GET"]),
     ("/v1/status", &["GET"]),
+    ("/v1/tokens", &["GET", "POST"]),
+    ("/v1/tokens/{id}", &["DELETE"]),
     ("/v1/openapi.json", &["GET"]),
     ("/metrics", &["GET"]),
     ("/healthz", &["GET"]),
@@ -63,6 +65,10 @@ pub fn describe() {
     describe_counter!(
         "tiersync_api_errors_total",
         "HTTP API error responses by route template and error code"
+    );
+    describe_counter!(
+        "tiersync_api_connections_refused_total",
+        "HTTP API connections closed on arrival because [api] max_connections were open"
     );
     describe_histogram!(
         "tiersync_api_request_duration_seconds",
@@ -187,6 +193,7 @@ pub fn register(config: &NodeConfig, policy: &Policy) {
     }
     metrics::counter!("tiersync_api_errors_total", "route" => "unmatched", "code" => "no_route")
         .absolute(0);
+    metrics::counter!("tiersync_api_connections_refused_total").absolute(0);
     for (name, cat) in &policy.categories {
         let ops: &[&'static str] = match cat.kind {
             Kind::Record => &["put", "patch", "delete"],

@@ -195,6 +195,18 @@ fn identity_error(tls: &TlsSection) -> impl FnOnce(rustls::Error) -> TlsError + 
     }
 }
 
+/// The HTTP API's rustls server side: this node's certificate and key, no
+/// client certificate (clients present bearer tokens), HTTP/1.1.
+pub fn api_server_config(tls: &TlsSection) -> Result<rustls::ServerConfig, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(&tls.cert)?, load_key(&tls.key)?)
+        .map_err(identity_error(tls))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// The rustls server side: presents this node's certificate and requires a
 /// client certificate issued by the deployment CA. TLS 1.3 only (QUIC).
 pub fn server_config(tls: &TlsSection) -> Result<rustls::ServerConfig, TlsError> {

@@ -24,6 +24,19 @@ pub struct Cluster {
     agent: ureq::Agent,
     /// `RUST_LOG` of the nodes started from now on.
     pub log_filter: String,
+    /// API tokens of each node, from its first admin token.
+    tokens: std::sync::Mutex<BTreeMap<String, NodeTokens>>,
+}
+
+/// The API tokens the harness holds for one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeTokens {
+    /// The node's first admin token (`<data_dir>/admin.token`).
+    pub admin: String,
+    /// An operator token (every helper's data requests).
+    pub operator: String,
+    /// An analyst token.
+    pub analyst: String,
 }
 
 /// An HTTP answer: status and JSON body (`Null` if not JSON).
@@ -53,7 +66,104 @@ impl Cluster {
             powerfs: BTreeMap::new(),
             agent,
             log_filter: "info,tiersync=debug".to_string(),
+            tokens: std::sync::Mutex::default(),
         }
+    }
+
+    /// The tokens of node `id` (started at least once).
+    pub fn tokens(&self, id: &str) -> NodeTokens {
+        self.tokens
+            .lock()
+            .expect("tokens")
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no tokens for {id}: was it started by the harness?"))
+    }
+
+    /// The operator token of node `id`.
+    pub fn token(&self, id: &str) -> String {
+        self.tokens(id).operator
+    }
+
+    /// The token the helpers send to `id` for `path`: admin for `/metrics`
+    /// and `/v1/tokens`, operator for the rest; for a node the harness did
+    /// not start (e.g. under a wrapper), its first admin token if written.
+    fn token_for(&self, id: &str, path: &str) -> Option<String> {
+        match self.tokens.lock().expect("tokens").get(id) {
+            Some(t) if path.starts_with("/metrics") || path.starts_with("/v1/tokens") => {
+                Some(t.admin.clone())
+            }
+            Some(t) => Some(t.operator.clone()),
+            None => {
+                let loaded = tiersync::config::load(&self.config(id)).ok()?;
+                let file = loaded
+                    .config
+                    .node
+                    .data_dir
+                    .join(tiersync::api::auth::BOOTSTRAP_FILE);
+                Some(std::fs::read_to_string(file).ok()?.trim().to_string())
+            }
+        }
+    }
+
+    /// `Bearer <token>` for `id` and `path` (empty if there is none).
+    fn bearer(&self, id: &str, path: &str) -> String {
+        self.token_for(id, path)
+            .map(|t| format!("Bearer {t}"))
+            .unwrap_or_default()
+    }
+
+    /// For a node started outside the harness (e.g. under a wrapper), once
+    /// it serves: its tokens, as after [`Cluster::start`].
+    pub fn adopt(&self, id: &str) {
+        self.learn_tokens(id, &self.config(id));
+    }
+
+    /// After a start: the node's admin token from its data directory (a
+    /// new one after a wipe), and operator and analyst tokens made with it.
+    fn learn_tokens(&self, id: &str, config: &std::path::Path) {
+        let loaded = tiersync::config::load(config)
+            .unwrap_or_else(|e| panic!("{id}: reading {}: {e}", config.display()));
+        let file = loaded
+            .config
+            .node
+            .data_dir
+            .join(tiersync::api::auth::BOOTSTRAP_FILE);
+        let known = self.tokens.lock().expect("tokens").get(id).cloned();
+        let admin = match std::fs::read_to_string(&file) {
+            Ok(t) => t.trim().to_string(),
+            // Still valid in the store (e.g. the file's name was lost in a
+            // power cut, the token's hash was not).
+            Err(_) if known.is_some() => return,
+            Err(e) => panic!("{id}: no admin token in {}: {e}", file.display()),
+        };
+        if known.as_ref().is_some_and(|t| t.admin == admin) {
+            return;
+        }
+        let url = format!("http://{}/v1/tokens", loaded.config.listen.api);
+        let create = |role: &str| {
+            let r = Self::reply(
+                self.agent
+                    .post(&url)
+                    .header("authorization", &format!("Bearer {admin}"))
+                    .content_type("application/json")
+                    .send(
+                        &serde_json::json!({"name": format!("harness-{role}"), "role": role})
+                            .to_string(),
+                    ),
+            );
+            assert_eq!(r.status, 201, "{id}: creating a {role} token: {}", r.body);
+            r.body["token"].as_str().expect("a token").to_string()
+        };
+        let tokens = NodeTokens {
+            operator: create("operator"),
+            analyst: create("analyst"),
+            admin,
+        };
+        self.tokens
+            .lock()
+            .expect("tokens")
+            .insert(id.to_string(), tokens);
     }
 
     /// Starts every node, parents first.
@@ -141,6 +251,7 @@ impl Cluster {
         )
         .unwrap_or_else(|e| panic!("{id} did not start: {e}; log: {}", self.log(id)));
         self.procs.insert(id.to_string(), child);
+        self.learn_tokens(id, &config);
     }
 
     /// The node's log so far.
@@ -218,6 +329,7 @@ impl Cluster {
             let mut r = self
                 .agent
                 .get(&format!("http://{api}/v1/status"))
+                .header("authorization", &format!("Bearer {}", self.token(who)))
                 .call()
                 .ok()?;
             let s: Json = serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()?;
@@ -242,7 +354,7 @@ impl Cluster {
 
     /// GET a path; `None` if the node does not answer.
     pub fn get_opt(&self, id: &str, path: &str) -> Option<Reply> {
-        let mut r = self.agent.get(&self.url(id, path)).call().ok()?;
+        let mut r = self.get_request(id, path).call().ok()?;
         let status = r.status().as_u16();
         let text = r.body_mut().read_to_string().unwrap_or_default();
         Some(Reply {
@@ -253,36 +365,64 @@ impl Cluster {
 
     /// GET a path as text (e.g. `/metrics`).
     pub fn get_text(&self, id: &str, path: &str) -> String {
-        let mut r = self.agent.get(&self.url(id, path)).call().expect("GET");
+        let mut r = self.get_request(id, path).call().expect("GET");
         r.body_mut().read_to_string().expect("a text body")
+    }
+
+    /// A GET of `path` at `id` with the harness's token for it.
+    fn get_request(
+        &self,
+        id: &str,
+        path: &str,
+    ) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        self.agent
+            .get(&self.url(id, path))
+            .header("authorization", &self.bearer(id, path))
     }
 
     /// GET a path.
     pub fn get(&self, id: &str, path: &str) -> Reply {
-        Self::reply(self.agent.get(&self.url(id, path)).call())
+        Self::reply(self.get_request(id, path).call())
+    }
+
+    /// GET a path with `token` (none if `None`).
+    pub fn get_as(&self, token: Option<&str>, id: &str, path: &str) -> Reply {
+        let mut req = self.agent.get(&self.url(id, path));
+        if let Some(t) = token {
+            req = req.header("authorization", &format!("Bearer {t}"));
+        }
+        Self::reply(req.call())
     }
 
     /// Sends a JSON body with `method`.
     pub fn send(&self, method: &str, id: &str, path: &str, body: &Json) -> Reply {
         let url = self.url(id, path);
+        let auth = self.bearer(id, path);
         let text = body.to_string();
         let r = match method {
             "PUT" => self
                 .agent
                 .put(&url)
+                .header("authorization", &auth)
                 .content_type("application/json")
                 .send(&text),
             "PATCH" => self
                 .agent
                 .patch(&url)
+                .header("authorization", &auth)
                 .content_type("application/json")
                 .send(&text),
             "POST" => self
                 .agent
                 .post(&url)
+                .header("authorization", &auth)
                 .content_type("application/json")
                 .send(&text),
-            "DELETE" => self.agent.delete(&url).call(),
+            "DELETE" => self
+                .agent
+                .delete(&url)
+                .header("authorization", &auth)
+                .call(),
             other => panic!("unsupported method {other}"),
         };
         Self::reply(r)
@@ -295,6 +435,7 @@ impl Cluster {
         Self::reply(
             self.agent
                 .post(&url)
+                .header("authorization", &format!("Bearer {}", self.token(id)))
                 .content_type("application/x-ndjson")
                 .send(&body),
         )
@@ -672,8 +813,8 @@ pub struct AckedWriter {
 }
 
 impl AckedWriter {
-    /// Starts writing to the API at `api`.
-    pub fn start(api: std::net::SocketAddr, prefix: &str) -> Self {
+    /// Starts writing to the API at `api` with the operator `token`.
+    pub fn start(api: std::net::SocketAddr, token: &str, prefix: &str) -> Self {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::{Arc, Mutex};
         let stop = Arc::new(AtomicBool::new(false));
@@ -681,6 +822,7 @@ impl AckedWriter {
         let failed = Arc::new(Mutex::new(Vec::new()));
         let (s, a, f) = (stop.clone(), acked.clone(), failed.clone());
         let prefix = prefix.to_string();
+        let auth = format!("Bearer {token}");
         let thread = std::thread::spawn(move || {
             let agent = ureq::Agent::config_builder()
                 .http_status_as_error(false)
@@ -693,6 +835,7 @@ impl AckedWriter {
                 let url = format!("http://{api}/v1/records/customer/{key}");
                 let ok = agent
                     .put(&url)
+                    .header("authorization", &auth)
                     .content_type("application/json")
                     .send(&serde_json::json!({ "n": i }).to_string())
                     .is_ok_and(|r| r.status() == 200);

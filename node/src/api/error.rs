@@ -11,6 +11,12 @@
 //! | `invalid_path` | 400 | a path segment is not valid percent-encoded UTF-8 |
 //! | `invalid_query` | 400 | an unknown query parameter, or `limit` outside 1..=1000 |
 //! | `no_valid_lines` | 400 | every line of a bulk request was rejected |
+//! | `unauthorized` | 401 | no bearer token, or one malformed, unknown at this node, or revoked (with `WWW-Authenticate: Bearer`) |
+//! | `forbidden` | 403 | the token's role (or category list) does not allow this route or category |
+//! | `request_timeout` | 408 | the request (its body included) took longer than `[api] request_timeout` |
+//! | `unsupported_media_type` | 415 | a write without `Content-Type: application/json` (or `application/x-ndjson`) |
+//! | `wrong_host` | 421 | the `Host` header names a host this node does not answer for (`[api] hosts`) |
+//! | `rate_limited` | 429 | the token is over `[api] rate_limit_per_second` (with `Retry-After`) |
 //! | `unknown_category` | 404 | the policy declares no such category |
 //! | `not_found` | 404 | no such item (or it is deleted); no such customer |
 //! | `no_route` | 404 | no such endpoint |

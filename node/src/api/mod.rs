@@ -15,10 +15,17 @@
 //! | `GET` | `/v1/customers/{id}` | unified customer view |
 //! | `GET` | `/v1/conflicts?category=&origin=&after=&limit=` | conflict ledger, overwrite counts |
 //! | `GET` | `/v1/status` | node, policy, counts, links |
+//! | `GET`/`POST` | `/v1/tokens` | list / create API tokens (admin) |
+//! | `DELETE` | `/v1/tokens/{id}` | revoke a token (admin) |
 //! | `GET` | `/v1/openapi.json` | this API as OpenAPI 3 |
 //! | `GET` | `/metrics` | Prometheus text |
 //! | `GET` | `/healthz` | liveness: the process serves HTTP |
 //! | `GET` | `/readyz` | readiness: store usable, not stopping (503 otherwise) |
+//!
+//! Every route but `/healthz` and `/readyz` needs a bearer token of a role
+//! that may use it ([`auth`]: 401 `unauthorized` without one, 403
+//! `forbidden` for the wrong role or category, 429 `rate_limited` over the
+//! token's rate).
 //!
 //! Keys are one path segment: a key holding `/` is sent percent-encoded
 //! (`c-42%2F0001`). Request bodies are read as JSON whatever their
@@ -38,10 +45,14 @@
 //! a city does. Nothing is refused by tier; the policy is the only gate.
 
 mod aggregates;
+pub mod auth;
 mod conflicts;
 pub mod error;
+pub mod guards;
 pub mod openapi;
 mod records;
+pub mod serve;
+mod tokens;
 mod views;
 
 use std::sync::Arc;
@@ -67,6 +78,7 @@ pub use aggregates::{AggregateInfo, AggregateResult, AggregateRow, to_csv as agg
 pub use conflicts::{ConflictPage, ConflictView, OverwriteView, VersionView};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use records::{BulkReport, LineError, ScanPage, WriteResult};
+pub use tokens::{NewToken, TokenRequest, TokenView};
 pub use views::{CategoryStatus, CustomerView, RelatedItems, StatusView};
 
 use crate::store::Store;
@@ -92,6 +104,12 @@ pub struct ApiState {
     pub metrics: Option<PrometheusHandle>,
     /// Stopping flag (for `/readyz`) and config reload outcomes.
     pub ops: Arc<crate::ops::Ops>,
+    /// Per-token rate limits (`None`: unlimited).
+    pub rate_limits: Option<Arc<auth::RateLimits>>,
+    /// Host names the `Host` header may name (`None`: any).
+    pub hosts: guards::AllowedHosts,
+    /// Longest a request may take, its body included.
+    pub request_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -113,6 +131,7 @@ impl ApiState {
         tier: Tier,
         max_body_bytes: usize,
     ) -> Self {
+        let hosts = guards::allowed_hosts(node_id.as_str(), None, &[]);
         Self {
             store,
             writer,
@@ -122,6 +141,9 @@ impl ApiState {
             status: Arc::new(|| serde_json::json!({})),
             metrics: None,
             ops: Arc::default(),
+            rate_limits: None,
+            hosts,
+            request_timeout: crate::config::ApiSection::default().request_timeout,
         }
     }
 
@@ -175,28 +197,48 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/aggregates/{name}", get(aggregates::query))
         .route("/v1/conflicts", get(conflicts::list))
         .route("/v1/status", get(views::status))
+        .route("/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
         .route("/v1/openapi.json", get(views::openapi))
         .route("/metrics", get(views::metrics))
         .route("/healthz", get(views::healthz))
         .route("/readyz", get(views::readyz))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::guard))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            guards::browser,
+        ))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(track))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guards::deadline,
+        ))
         .layer(DefaultBodyLimit::max(limit))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` completes, then finishes the
-/// requests in flight and returns.
+/// Serves the API over plain HTTP on `listener` with the default limits
+/// until `shutdown` completes, then finishes the requests in flight.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ApiState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_with(listener, state, serve::ServeOptions::default(), shutdown).await
+}
+
+/// Serves the API on `listener` with `options` (TLS, timeouts, connection
+/// cap) until `shutdown` completes, then finishes the requests in flight.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    options: serve::ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve::serve_router(listener, router(state), options, shutdown).await
 }
 
 /// The OpenAPI document, generated from the handlers' annotations.
@@ -219,6 +261,9 @@ pub async fn serve(
         aggregates::query,
         conflicts::list,
         views::status,
+        tokens::list,
+        tokens::create,
+        tokens::revoke,
         views::openapi,
         views::metrics,
         views::healthz,
@@ -229,9 +274,34 @@ pub async fn serve(
         (name = "views", description = "Unified customer view"),
         (name = "aggregates", description = "Grouped counts and sums, with drill-down"),
         (name = "ops", description = "Status, metrics and this document"),
-    )
+        (name = "tokens", description = "API tokens of this node (admin)"),
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
 )]
 pub struct ApiDoc;
+
+/// Declares the bearer token scheme every route but the probes needs.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                Http::builder()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("tst_<id>_<secret>")
+                    .description(Some(
+                        "A token from `tiersync token create` (valid only at the node that issued it)",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// The error code of an error response, for the metrics layer.
 #[derive(Debug, Clone, Copy)]

@@ -15,12 +15,15 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::config::{Durability, load_policy};
+use crate::store::Role;
+
+mod access;
 
 fn shipped_policy_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples/policy.toml")
 }
 
-fn shipped_policy() -> Policy {
+pub(super) fn shipped_policy() -> Policy {
     load_policy(&shipped_policy_path()).unwrap()
 }
 
@@ -36,28 +39,33 @@ fn recorder() -> PrometheusHandle {
         .clone()
 }
 
-struct Node {
-    base: String,
-    store: Arc<Store>,
+pub(super) struct Node {
+    pub(super) base: String,
+    pub(super) store: Arc<Store>,
+    /// Bearer tokens of each role, issued at start.
+    pub(super) operator: String,
+    pub(super) analyst: String,
+    pub(super) admin: String,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     _dir: tempfile::TempDir,
 }
 
-struct Resp {
-    status: u16,
-    body: String,
-    allow: Option<String>,
-    content_type: Option<String>,
+pub(super) struct Resp {
+    pub(super) status: u16,
+    pub(super) body: String,
+    pub(super) allow: Option<String>,
+    pub(super) content_type: Option<String>,
+    pub(super) retry_after: Option<String>,
 }
 
 impl Resp {
-    fn json(&self) -> J {
+    pub(super) fn json(&self) -> J {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 
     /// The error code, after checking the error body's shape.
-    fn code(&self) -> String {
+    pub(super) fn code(&self) -> String {
         let j = self.json();
         assert!(j["error"]["message"].is_string(), "no error message: {j}");
         j["error"]["code"]
@@ -67,7 +75,14 @@ impl Resp {
     }
 }
 
-async fn start_custom(
+pub(super) fn issue_token(store: &Store, role: Role, categories: Option<Vec<&str>>) -> String {
+    let cats = categories.map(|c| c.into_iter().map(String::from).collect());
+    let issued = auth::issue(&format!("test-{role}"), role, cats, 1);
+    store.token_insert(&issued.stored).unwrap();
+    issued.token
+}
+
+pub(super) async fn start_custom(
     policy: Policy,
     max_body_bytes: usize,
     customize: impl FnOnce(&mut ApiState),
@@ -89,6 +104,9 @@ async fn start_custom(
     }));
     Node {
         base,
+        operator: issue_token(&store, Role::Operator, None),
+        analyst: issue_token(&store, Role::Analyst, None),
+        admin: issue_token(&store, Role::Admin, None),
         store,
         stop: Some(stop),
         task,
@@ -100,28 +118,69 @@ async fn start_with(policy: Policy, max_body_bytes: usize) -> Node {
     start_custom(policy, max_body_bytes, |_| {}).await
 }
 
-async fn start() -> Node {
+pub(super) async fn start() -> Node {
     start_with(shipped_policy(), 1024 * 1024).await
 }
 
 impl Node {
+    /// The token a test uses for `path` unless it says otherwise: admin
+    /// for the ops endpoints, operator for data.
+    pub(super) fn token_for(&self, path: &str) -> &str {
+        let admin = ["/metrics", "/v1/tokens"];
+        if admin.iter().any(|p| path.starts_with(p)) {
+            &self.admin
+        } else {
+            &self.operator
+        }
+    }
+
     async fn call(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Resp {
+        let token = self.token_for(path).to_string();
+        self.call_as(
+            Some(&token),
+            method,
+            path,
+            body,
+            &[("content-type", "application/json")],
+        )
+        .await
+    }
+
+    /// A request with `token` (none if `None`) and extra `headers` (the
+    /// content type goes only with a body).
+    pub(super) async fn call_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Resp {
         let url = format!("{}{}", self.base, path);
         let method = method.to_string();
+        let token = token.map(str::to_string);
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         tokio::task::spawn_blocking(move || {
             let agent: ureq::Agent = ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .build()
                 .into();
-            let req = ureq::http::Request::builder()
+            let mut req = ureq::http::Request::builder()
                 .method(method.as_str())
                 .uri(&url);
+            if let Some(t) = &token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            for (k, v) in &headers {
+                if k != "content-type" || body.is_some() {
+                    req = req.header(k.as_str(), v.as_str());
+                }
+            }
             let resp = match body {
-                Some(b) => agent.run(
-                    req.header("content-type", "application/json")
-                        .body(b)
-                        .unwrap(),
-                ),
+                Some(b) => agent.run(req.body(b).unwrap()),
                 None => agent.run(req.body(()).unwrap()),
             }
             .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
@@ -131,6 +190,7 @@ impl Node {
                     .map(|v| v.to_str().unwrap().to_string())
             };
             let (allow, content_type) = (header("allow"), header("content-type"));
+            let retry_after = header("retry-after");
             let status = resp.status().as_u16();
             let body = resp.into_body().read_to_string().unwrap();
             Resp {
@@ -138,17 +198,18 @@ impl Node {
                 body,
                 allow,
                 content_type,
+                retry_after,
             }
         })
         .await
         .unwrap()
     }
 
-    async fn get(&self, path: &str) -> Resp {
+    pub(super) async fn get(&self, path: &str) -> Resp {
         self.call("GET", path, None).await
     }
 
-    async fn send(&self, method: &str, path: &str, body: &J) -> Resp {
+    pub(super) async fn send(&self, method: &str, path: &str, body: &J) -> Resp {
         self.call(method, path, Some(body.to_string().into_bytes()))
             .await
     }
@@ -157,7 +218,7 @@ impl Node {
         self.store.last_seq().unwrap()
     }
 
-    async fn stop(mut self) {
+    pub(super) async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -874,6 +935,9 @@ async fn status_metrics_and_openapi() {
         ("/v1/aggregates/{name}", "GET"),
         ("/v1/conflicts", "GET"),
         ("/v1/status", "GET"),
+        ("/v1/tokens", "GET"),
+        ("/v1/tokens", "POST"),
+        ("/v1/tokens/{id}", "DELETE"),
         ("/v1/openapi.json", "GET"),
         ("/metrics", "GET"),
         ("/healthz", "GET"),

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use axum::Extension;
 use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -11,6 +12,7 @@ use tiersync_protocol::policy::CustomerLink;
 use tiersync_protocol::{Item, Kind, Replicate, Value};
 use utoipa::ToSchema;
 
+use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::{ApiPath, ApiState, blocking};
 use crate::json::{ItemView, item_view};
@@ -119,7 +121,8 @@ fn related_items(
 /// categories that link to customers.
 ///
 /// At a city this includes the city's private (`local`) items; above, only
-/// what replicated there.
+/// what replicated there. A token sees only the categories it may read: an
+/// analyst never a private one, a token with a category list only those.
 #[utoipa::path(
     get,
     path = "/v1/customers/{id}",
@@ -134,13 +137,15 @@ fn related_items(
 )]
 pub async fn customer(
     State(st): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<CustomerView>, ApiError> {
     st.store.policy().check_key(&id)?;
     let store = st.store.clone();
     blocking(move || {
         let policy = store.policy().clone();
-        let customer = match policy.categories.contains_key(CUSTOMER_CATEGORY) {
+        let readable = |c: &str| caller.may_read(&policy, c);
+        let customer = match readable(CUSTOMER_CATEGORY) {
             true => store
                 .get(CUSTOMER_CATEGORY, &id)?
                 .filter(|item| !item.is_deleted())
@@ -149,7 +154,8 @@ pub async fn customer(
         };
         let mut related = BTreeMap::new();
         for (name, cat) in &policy.categories {
-            if name == CUSTOMER_CATEGORY {
+            // An analyst never sees a private item, not even here.
+            if name == CUSTOMER_CATEGORY || !readable(name) {
                 continue;
             }
             if let Some(link) = &cat.customer_link {

@@ -105,6 +105,12 @@ pub enum ClientCommand {
     /// (the version lost and the version kept), and record fields one
     /// origin's newer value took over from another's.
     Conflicts(super::conflicts::ConflictsArgs),
+    /// API tokens of a node: create, list, revoke (with an admin token).
+    Token {
+        /// What to do.
+        #[command(subcommand)]
+        command: super::token::TokenCommand,
+    },
     /// The node's status: tier, version, policy, links, counts, watermarks.
     Status {
         #[command(flatten)]
@@ -144,6 +150,17 @@ pub struct ClientOpts {
     /// A node file: talk to its `[listen] api` address.
     #[arg(long, short, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The bearer token [default: --token-file, else $TIERSYNC_TOKEN].
+    #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
+    pub token: Option<String>,
+    /// A file holding the bearer token (e.g. a node's first
+    /// `<data_dir>/admin.token`).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The deployment CA certificate an `https://` node's certificate must
+    /// chain to [default: $TIERSYNC_CA, else the `[tls] ca` of --config].
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
     /// Give up on a request after this many seconds.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub timeout: u64,
@@ -155,7 +172,21 @@ pub struct ClientOpts {
 impl ClientOpts {
     pub(super) fn client(&self) -> Result<Client> {
         let url = client::resolve_base_url(self.node.as_deref(), self.config.as_deref())?;
-        Ok(Client::new(&url, Duration::from_secs(self.timeout.max(1)))?)
+        let mut credentials = client::Credentials::resolve(
+            self.token.as_deref(),
+            self.token_file.as_deref(),
+            self.ca.as_deref(),
+        )?;
+        if credentials.ca.is_none()
+            && let Some(file) = &self.config
+        {
+            credentials.ca = client::ca_from_config(file)?;
+        }
+        Ok(Client::with_credentials(
+            &url,
+            Duration::from_secs(self.timeout.max(1)),
+            &credentials,
+        )?)
     }
 }
 
@@ -290,6 +321,7 @@ pub(super) fn client_command(command: ClientCommand) -> Result<()> {
             })
         }
         ClientCommand::Conflicts(args) => super::conflicts::run(args),
+        ClientCommand::Token { command } => super::token::run(command),
         ClientCommand::Status { opts } => {
             let status = opts.client()?.status()?;
             emit(&opts, &status, || status_text(&status))

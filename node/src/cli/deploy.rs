@@ -36,6 +36,10 @@ pub enum CertsCommand {
         /// `tiersync reload` on each node).
         #[arg(long)]
         force: bool,
+        /// Also name this API host (an IP address, or a DNS name with a
+        /// dot) for HTTPS clients; repeatable.
+        #[arg(long = "api-host", value_name = "HOST", value_parser = parse_api_host)]
+        api_hosts: Vec<String>,
         /// Node ids to issue certificates for.
         #[arg(required = true, value_parser = parse_node_id)]
         ids: Vec<NodeId>,
@@ -97,6 +101,7 @@ pub(super) fn certs_command(command: CertsCommand) -> Result<()> {
             days,
             tier,
             force,
+            api_hosts,
             ids,
         } => {
             if !force {
@@ -115,7 +120,7 @@ pub(super) fn certs_command(command: CertsCommand) -> Result<()> {
                 }
             }
             for id in &ids {
-                let files = certs::issue(&dir, id, tier, days)?;
+                let files = certs::issue_with_hosts(&dir, id, tier, days, &api_hosts)?;
                 let info = certs::inspect(&files.cert)?;
                 println!(
                     "{id}: wrote {} and {} (valid until {})",
@@ -169,6 +174,19 @@ pub(super) fn certs_command(command: CertsCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// An `--api-host`: an IP address, or a DNS name with a dot (a bare name
+/// would read as a second node id in the certificate).
+fn parse_api_host(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.parse::<std::net::IpAddr>().is_ok() || (s.contains('.') && !s.starts_with('.')) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?}: give an IP address or a fully qualified name (with a dot)"
+        ))
+    }
 }
 
 fn load_all(files: &[PathBuf]) -> Result<Vec<config::Loaded>> {

@@ -11,6 +11,7 @@ mod deploy;
 mod import;
 mod output;
 mod run;
+mod token;
 mod views;
 
 use std::io::IsTerminal;

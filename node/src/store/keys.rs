@@ -15,8 +15,18 @@ pub const CF_CURSORS: &str = "cursors";
 pub const CF_AGGREGATES: &str = "aggregates";
 /// Node metadata: identity, HLC high-water mark, last sequence number.
 pub const CF_META: &str = "meta";
+/// API tokens: token id → its hash, name, role and categories (never
+/// replicated; see `store::tokens`).
+pub const CF_TOKENS: &str = "tokens";
 /// Every column family.
-pub const ALL_CFS: [&str; 5] = [CF_DATA, CF_CHANGELOG, CF_CURSORS, CF_AGGREGATES, CF_META];
+pub const ALL_CFS: [&str; 6] = [
+    CF_DATA,
+    CF_CHANGELOG,
+    CF_CURSORS,
+    CF_AGGREGATES,
+    CF_META,
+    CF_TOKENS,
+];
 
 /// Metadata keys.
 pub const META_NODE_ID: &[u8] = b"node_id";

@@ -11,6 +11,8 @@ mod clock;
 mod conflicts;
 pub use conflicts::{ConflictPage, OverwriteExample, OverwriteSummary};
 pub mod keys;
+pub mod tokens;
+pub use tokens::{Role, StoredToken};
 
 use std::collections::BTreeMap;
 use std::path::Path;
