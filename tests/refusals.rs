@@ -308,6 +308,16 @@ impl Hostile {
         ));
     }
 
+    /// Expects a refusal for `reason` whose message holds `needle`.
+    async fn expect_refused(&mut self, reason: RefuseReason, needle: &str) {
+        match self.recv().await {
+            Some(Frame::Refuse { reason: r, message }) if r == reason => {
+                assert!(message.contains(needle), "{message}")
+            }
+            other => panic!("expected a {reason:?} refusal, got {other:?}"),
+        }
+    }
+
     async fn hello(&mut self, node: &str) {
         self.send(&hello_frame(node, PROTOCOL_VERSION, 7)).await;
         assert!(matches!(self.recv().await, Some(Frame::Welcome { .. })));
@@ -719,13 +729,8 @@ fn an_item_over_the_policy_limits_is_refused_and_stores_nothing() {
     };
     runtime().block_on(async {
         let mut h = first_batch_as_hangzhou(&c, vec![item]).await;
-        match h.recv().await {
-            Some(Frame::Refuse {
-                reason: RefuseReason::Violation,
-                message,
-            }) => assert!(message.contains("max_item_bytes"), "{message}"),
-            other => panic!("expected a Violation refusal, got {other:?}"),
-        }
+        h.expect_refused(RefuseReason::Violation, "max_item_bytes")
+            .await;
         // The honest sibling is served.
         let mut ok = hostile(&c, "ningbo").await;
         ok.hello("ningbo").await;
@@ -752,8 +757,10 @@ fn before_the_hello_a_peer_holds_little_and_one_identity_few_links() {
         // waiting for its body (which would take FRAME_BODY_TIMEOUT).
         let mut big = hostile(&c, "hangzhou").await;
         let len = u32::try_from(HELLO_MAX_BYTES + 1).unwrap();
-        big.send.write_all(&len.to_be_bytes()).await.unwrap();
-        big.send.write_all(&[1, 0, 0]).await.unwrap();
+        // (The parent may close before the bytes after the prefix arrive.)
+        let mut prefix = len.to_be_bytes().to_vec();
+        prefix.extend([1, 0, 0]);
+        big.send.write_all(&prefix).await.unwrap();
         let closed =
             tokio::time::timeout(tiersync::link::FRAME_BODY_TIMEOUT / 2, big.conn.closed()).await;
         assert!(
@@ -870,13 +877,8 @@ fn forged_private_counters_are_refused_and_count_nothing() {
         let mut h =
             first_batch_as_hangzhou(&c, vec![opportunity_counters("ningbo", "hangzhou", 1000)])
                 .await;
-        match h.recv().await {
-            Some(Frame::Refuse {
-                reason: RefuseReason::Violation,
-                message,
-            }) => assert!(message.contains("group of origin ningbo"), "{message}"),
-            other => panic!("expected a Violation refusal, got {other:?}"),
-        }
+        h.expect_refused(RefuseReason::Violation, "group of origin ningbo")
+            .await;
         // Another city's share under its own origin: dropped, the link
         // goes on with hangzhou's own counters.
         let mut h = first_batch_as_hangzhou(
@@ -927,13 +929,8 @@ fn out_of_range_amounts_are_refused_and_totals_stay_exact() {
             ],
         )
         .await;
-        match h.recv().await {
-            Some(Frame::Refuse {
-                reason: RefuseReason::Violation,
-                message,
-            }) => assert!(message.contains("largest summed value"), "{message}"),
-            other => panic!("expected a Violation refusal, got {other:?}"),
-        }
+        h.expect_refused(RefuseReason::Violation, "largest summed value")
+            .await;
         let mut h = first_batch_as_hangzhou(&c, vec![bill("b-ok", Value::Float(12.5))]).await;
         assert!(matches!(h.recv().await, Some(Frame::Ack { last_seq: 1 })));
     });
@@ -1066,13 +1063,8 @@ fn a_province_cannot_claim_another_provinces_cities() {
         let mut h = hostile_to(&c, "national", zhejiang).await;
         h.send(&hello(zhejiang, Tier::Province, vec![&mine, &theirs]))
             .await;
-        match h.recv().await {
-            Some(Frame::Refuse {
-                reason: RefuseReason::Violation,
-                message,
-            }) => assert!(message.contains("does not place below it"), "{message}"),
-            other => panic!("expected a Violation refusal, got {other:?}"),
-        }
+        h.expect_refused(RefuseReason::Violation, "does not place below it")
+            .await;
         // The tier is the certificate's, not the Hello's.
         let mut h = hostile_to(&c, "national", zhejiang).await;
         h.send(&hello(zhejiang, Tier::City, vec![])).await;

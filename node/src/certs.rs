@@ -360,20 +360,26 @@ pub struct Revoked {
     pub at: i64,
 }
 
-/// Reads the revocation list `file` (PEM): the certificates it revokes.
-pub fn read_crl(file: &Path) -> Result<Vec<Revoked>, CertError> {
+/// Reads the one PEM `what` of `file`.
+fn read_pem<T: PemObject>(file: &Path, what: &str) -> Result<T, CertError> {
     let text = fs::read(file).map_err(|source| CertError::Read {
         file: file.to_path_buf(),
         source,
     })?;
-    let invalid = |reason: String| CertError::Invalid {
+    T::from_pem_slice(&text).map_err(|e| CertError::Invalid {
         file: file.to_path_buf(),
-        reason,
-    };
-    let der = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(&text)
-        .map_err(|e| invalid(format!("not a PEM revocation list: {e}")))?;
-    let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
-        .map_err(|e| invalid(format!("not a valid revocation list: {e}")))?;
+        reason: format!("not a PEM {what}: {e}"),
+    })
+}
+
+/// Reads the revocation list `file` (PEM): the certificates it revokes.
+pub fn read_crl(file: &Path) -> Result<Vec<Revoked>, CertError> {
+    let der: rustls_pki_types::CertificateRevocationListDer<'static> =
+        read_pem(file, "revocation list")?;
+    let (_, crl) = x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| CertError::Invalid {
+        file: file.to_path_buf(),
+        reason: format!("not a valid revocation list: {e}"),
+    })?;
     Ok(crl
         .iter_revoked_certificates()
         .map(|r| Revoked {
@@ -712,16 +718,12 @@ pub fn sign(
     validity_days: u32,
 ) -> Result<PathBuf, CertError> {
     let files = node_files(dir, node_id)?;
-    let text = fs::read(csr).map_err(|source| CertError::Read {
-        file: csr.to_path_buf(),
-        source,
-    })?;
     let invalid = |reason: String| CertError::Invalid {
         file: csr.to_path_buf(),
         reason,
     };
-    let der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(&text)
-        .map_err(|e| invalid(format!("not a PEM signing request: {e}")))?;
+    let der: rustls_pki_types::CertificateSigningRequestDer<'static> =
+        read_pem(csr, "signing request")?;
     use x509_parser::prelude::FromDer;
     let (_, req) =
         x509_parser::certification_request::X509CertificationRequest::from_der(der.as_ref())

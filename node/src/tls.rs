@@ -158,18 +158,23 @@ fn pem_error(file: &Path, what: &'static str, e: rustls_pki_types::pem::Error) -
 
 /// Every certificate of a PEM file (at least one).
 fn load_certs(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    load_pem_all(file, "certificate")
+}
+
+/// Every `what` of a PEM file (at least one).
+fn load_pem_all<T: PemObject>(file: &Path, what: &'static str) -> Result<Vec<T>, TlsError> {
     let bytes = read(file)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+    let items = T::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(file, "certificate", e))?;
-    if certs.is_empty() {
+        .map_err(|e| pem_error(file, what, e))?;
+    if items.is_empty() {
         return Err(pem_error(
             file,
-            "certificate",
+            what,
             rustls_pki_types::pem::Error::NoItemsFound,
         ));
     }
-    Ok(certs)
+    Ok(items)
 }
 
 fn load_key(file: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
@@ -194,18 +199,7 @@ fn load_crls(
     let Some(file) = &tls.crl else {
         return Ok(Vec::new());
     };
-    let bytes = read(file)?;
-    let crls = rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(file, "revocation list", e))?;
-    if crls.is_empty() {
-        return Err(pem_error(
-            file,
-            "revocation list",
-            rustls_pki_types::pem::Error::NoItemsFound,
-        ));
-    }
-    Ok(crls)
+    load_pem_all(file, "revocation list")
 }
 
 /// The serial numbers `[tls] crl` revokes (empty without one): what a
