@@ -29,14 +29,26 @@ fn expected(
     let private = policy.categories[&agg.source].replicate == Replicate::Local;
     let mut items: Vec<Item> = Vec::new();
     if private {
+        // Each city's groups: all of them at the city itself, elsewhere
+        // only those of at least privacy.min_group_size items.
+        let count_at = agg.count_index().expect("a private aggregate counts");
+        let k = i128::from(policy.privacy.min_group_size);
+        let mut rows: BTreeMap<GroupKey, Vec<i128>> = BTreeMap::new();
         for city in c.cities_below(id) {
-            items.extend(
-                cities[&city]
-                    .iter()
-                    .filter(|(k, _)| k.0 == agg.source)
-                    .map(|(_, i)| i.clone()),
-            );
+            let own: Vec<Item> = cities[&city]
+                .iter()
+                .filter(|(k, _)| k.0 == agg.source)
+                .map(|(_, i)| i.clone())
+                .collect();
+            for (g, v) in sum_rows(agg, &own) {
+                if city == id || v[count_at] >= k {
+                    let acc = rows.entry(g).or_insert_with(|| vec![0; v.len()]);
+                    acc.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
+                }
+            }
         }
+        rows.retain(|_, v| v.iter().any(|x| *x != 0));
+        return rows;
     } else {
         let mut merged: Items = Items::new();
         for city in c.cities_below(id) {
@@ -53,14 +65,20 @@ fn expected(
         }
         items.extend(merged.into_values());
     }
+    let mut rows = sum_rows(agg, &items);
+    rows.retain(|_, v| v.iter().any(|x| *x != 0));
+    rows
+}
+
+/// `agg`'s rows over `items`.
+fn sum_rows(agg: &Compiled, items: &[Item]) -> BTreeMap<GroupKey, Vec<i128>> {
     let mut rows: BTreeMap<GroupKey, Vec<i128>> = BTreeMap::new();
-    for item in &items {
-        if let Some((g, v)) = agg.contribution(item) {
+    for item in items {
+        if let Some((g, v)) = agg.contribution(item).expect("every value within range") {
             let acc = rows.entry(g).or_insert_with(|| vec![0; v.len()]);
             acc.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
         }
     }
-    rows.retain(|_, v| v.iter().any(|x| *x != 0));
     rows
 }
 
@@ -250,12 +268,15 @@ fn aggregates_match_a_recomputation_at_every_node() {
         }
     }
     assert_eq!(checked, 7 * 4);
-    // The private counts are really there above the cities.
-    let national_opps = &seen[&(
-        "national".to_string(),
+    // The private counts are really there at the cities (above them only
+    // the groups of at least privacy.min_group_size items, as compared;
+    // `a_group_under_the_privacy_threshold_is_published_by_nobody` shows
+    // them published).
+    let city_opps = &seen[&(
+        c.cities()[0].clone(),
         "opportunities_by_city_stage_month".to_string(),
     )];
-    assert!(!national_opps.as_array().unwrap().is_empty());
+    assert!(!city_opps.as_array().unwrap().is_empty());
 }
 
 /// A city whose data directory is wiped starts over: every tier's private
@@ -316,5 +337,82 @@ fn private_aggregates_follow_a_wiped_city() {
             let have = seen[&(n.id.to_string(), agg.name.clone())].clone();
             assert_eq!(have, Json::Array(want), "{} at {}", agg.name, n.id);
         }
+    }
+}
+
+/// Case 6 of issue 15, the governance test: a city with 3 opportunities in a
+/// group publishes nothing for it; with 5 it publishes; the province's and
+/// national's totals of the published groups equal the cities'.
+#[test]
+fn a_group_under_the_privacy_threshold_is_published_by_nobody() {
+    let mut c = Cluster::new(&Spec {
+        provinces: 1,
+        cities_per_province: 2,
+        ..Spec::default()
+    });
+    c.start_all();
+    let cities = c.cities();
+    let (small, big) = (&cities[0], &cities[1]);
+    let policy = example_policy();
+    assert_eq!(policy.privacy.min_group_size, 5);
+    let opp = |city: &str, k: usize, stage: &str| {
+        let r = c.send(
+            "PUT",
+            city,
+            &format!("/v1/records/opportunity/{city}-{stage}-{k}"),
+            &json!({"customer_id": "c-1", "stage": stage, "expected_value": 100, "expected_close": "2026-11-20"}),
+        );
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    };
+    for k in 0..3 {
+        opp(small, k, "won");
+    }
+    for k in 0..5 {
+        opp(big, k, "won");
+    }
+    assert!(
+        c.wait_converged(Duration::from_secs(60)),
+        "did not converge"
+    );
+    let rows = |id: &str| {
+        let r = c.get(id, "/v1/aggregates/opportunities_by_city_stage_month");
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["rows"].as_array().cloned().unwrap_or_default()
+    };
+    let origins = |rows: &[Json]| -> Vec<(String, i64)> {
+        rows.iter()
+            .map(|r| {
+                (
+                    r["group"]["origin"].as_str().unwrap().to_string(),
+                    r["values"]["count"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // The small city sees its own 3; above it, only the big city's 5.
+    assert_eq!(origins(&rows(small)), vec![(small.clone(), 3)]);
+    for top in ["zhejiang", "national"] {
+        assert_eq!(origins(&rows(top)), vec![(big.clone(), 5)], "at {top}");
+    }
+    // Two more at the small city: 5, published, and the totals above equal
+    // the cities' own.
+    for k in 3..5 {
+        opp(small, k, "won");
+    }
+    assert!(
+        c.wait_converged(Duration::from_secs(60)),
+        "did not converge"
+    );
+    for top in ["zhejiang", "national"] {
+        let mut have = origins(&rows(top));
+        have.sort();
+        let mut want = vec![(small.clone(), 5), (big.clone(), 5)];
+        want.sort();
+        assert_eq!(have, want, "at {top}");
+        let sums: f64 = rows(top)
+            .iter()
+            .map(|r| r["values"]["sum(expected_value)"].as_f64().unwrap())
+            .sum();
+        assert_eq!(sums, 1000.0, "at {top}");
     }
 }

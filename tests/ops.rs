@@ -102,6 +102,7 @@ fn a_failing_start_never_crashes_and_says_why() {
             &[("data_dir = \"data/national\"", fresh_dir)],
         )
         .replacen("children = [\"zhejiang\"]\n", "", 1)
+        .replacen("\n[subtree]\n\"zhejiang\" = [\"hangzhou\"]\n", "", 1)
         .replacen("\n[listen]\npeer = ", "\n[listen]\n# peer = ", 1),
     );
     let locked = write(
@@ -109,6 +110,7 @@ fn a_failing_start_never_crashes_and_says_why() {
         "locked.toml",
         &edited(&c, "national", &[(&api_line(&c, "national"), &free_api)])
             .replacen("children = [\"zhejiang\"]\n", "", 1)
+            .replacen("\n[subtree]\n\"zhejiang\" = [\"hangzhou\"]\n", "", 1)
             .replacen("\n[listen]\npeer = ", "\n[listen]\n# peer = ", 1),
     );
     let cases: [(&Path, &str, &str); 3] = [

@@ -236,23 +236,12 @@ struct Hostile {
 }
 
 async fn hostile(c: &Cluster, as_node: &str) -> Hostile {
-    let certs = c.dir.path().join("certs");
-    let tls = TlsSection {
-        ca: certs.join("ca.pem"),
-        cert: certs.join(format!("{as_node}.pem")),
-        key: certs.join(format!("{as_node}.key")),
-    };
-    let client = tiersync::tls::quinn_client_config(&tls).unwrap();
-    let endpoint = tiersync::tls::client_endpoint("127.0.0.1:0".parse().unwrap(), client).unwrap();
-    let parent = tiersync::config::load(&c.config("zhejiang"))
-        .unwrap()
-        .config
-        .listen
-        .peer
-        .expect("the province's peer address");
-    let conn = tiersync::tls::connect(&endpoint, parent, &NodeId::new("zhejiang").unwrap())
-        .await
-        .unwrap();
+    hostile_to(c, "zhejiang", as_node).await
+}
+
+/// Connects to `parent` with `as_node`'s certificate and opens the stream.
+async fn hostile_to(c: &Cluster, parent: &str, as_node: &str) -> Hostile {
+    let (endpoint, conn) = connect_to(c, parent, as_node).await;
     let (send, recv) = conn.open_bi().await.unwrap();
     Hostile {
         _endpoint: endpoint,
@@ -260,6 +249,29 @@ async fn hostile(c: &Cluster, as_node: &str) -> Hostile {
         send,
         recv,
     }
+}
+
+/// A connection to `parent` with `as_node`'s certificate, past the TLS
+/// handshake (the parent may still close it at once).
+async fn connect_to(
+    c: &Cluster,
+    parent: &str,
+    as_node: &str,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let certs = c.dir.path().join("certs");
+    let tls = TlsSection {
+        ca: certs.join("ca.pem"),
+        cert: certs.join(format!("{as_node}.pem")),
+        key: certs.join(format!("{as_node}.key")),
+        crl: Some(certs.join("crl.pem")),
+    };
+    let client = tiersync::tls::quinn_client_config(&tls).unwrap();
+    let endpoint = tiersync::tls::client_endpoint("127.0.0.1:0".parse().unwrap(), client).unwrap();
+    let addr = c.peer_addr(parent);
+    let conn = tiersync::tls::connect(&endpoint, addr, &NodeId::new(parent).unwrap())
+        .await
+        .unwrap();
+    (endpoint, conn)
 }
 
 impl Hostile {
@@ -276,11 +288,17 @@ impl Hostile {
     /// Sends the link's first batch, one customer record of hangzhou's, and
     /// expects its acknowledgement.
     async fn first_record_acked(&mut self, key: &str) {
+        self.first_record_of_acked(key, "hangzhou").await;
+    }
+
+    /// Sends the link's first batch, one customer record of `origin`'s, and
+    /// expects its acknowledgement.
+    async fn first_record_of_acked(&mut self, key: &str, origin: &str) {
         self.send(&Frame::Batch {
             after: 0,
             last_seq: 1,
             upto_hlc: Hlc::ZERO,
-            items: vec![record("customer", key, "hangzhou", tiersync::now_ms())],
+            items: vec![record("customer", key, origin, tiersync::now_ms())],
             watermarks: vec![],
         })
         .await;
@@ -288,6 +306,16 @@ impl Hostile {
             self.recv().await,
             Some(Frame::Ack { last_seq: 1 })
         ));
+    }
+
+    /// Expects a refusal for `reason` whose message holds `needle`.
+    async fn expect_refused(&mut self, reason: RefuseReason, needle: &str) {
+        match self.recv().await {
+            Some(Frame::Refuse { reason: r, message }) if r == reason => {
+                assert!(message.contains(needle), "{message}")
+            }
+            other => panic!("expected a {reason:?} refusal, got {other:?}"),
+        }
     }
 
     async fn hello(&mut self, node: &str) {
@@ -475,10 +503,11 @@ fn unsupported_protocol_version_is_refused() {
 fn a_flood_of_idle_connections_does_not_block_a_real_child() {
     let c = cluster();
     runtime().block_on(async {
-        // 100 authenticated connections that never say Hello.
+        // 100 authenticated connections that never say Hello (all but
+        // MAX_LINKS_PER_IDENTITY of them closed by the parent at once).
         let mut idle = Vec::new();
         for _ in 0..100 {
-            idle.push(hostile(&c, "ningbo").await);
+            idle.push(connect_to(&c, "zhejiang", "ningbo").await);
         }
         let mut real = hostile(&c, "hangzhou").await;
         real.hello("hangzhou").await;
@@ -565,6 +594,7 @@ fn a_flood_of_connection_attempts_is_refused_while_real_children_are_served() {
         ca: certs.join("ca.pem"),
         cert: certs.join("rogue.pem"),
         key: certs.join("rogue.key"),
+        crl: None,
     };
     let parent = c.peer_addr("zhejiang");
     let zhejiang = NodeId::new("zhejiang").unwrap();
@@ -678,5 +708,410 @@ fn a_flood_of_connection_attempts_is_refused_while_real_children_are_served() {
             .join(", "),
         rss_before / 1024,
         peak_kib / 1024
+    );
+}
+
+// ---- issue 15: a hostile child holding a valid certificate ----
+
+/// Case 1: a record just under the frame limit (once stored, it would have
+/// made every later batch of the province too large to send) is refused,
+/// nothing of it is stored, and another child is served.
+#[test]
+fn an_item_over_the_policy_limits_is_refused_and_stores_nothing() {
+    let c = cluster();
+    let mut r = Record::default();
+    r.put(
+        BTreeMap::from([(
+            "name".to_string(),
+            Value::Str("x".repeat(example_policy().limits.max_frame_bytes - 4096)),
+        )]),
+        Stamp {
+            hlc: Hlc {
+                physical_ms: tiersync::now_ms(),
+                logical: 0,
+            },
+            origin: NodeId::new("hangzhou").unwrap(),
+        },
+    );
+    let item = WireItem {
+        category: "customer".into(),
+        key: "c-huge".into(),
+        item: Item::Record(r),
+    };
+    runtime().block_on(async {
+        let mut h = first_batch_as_hangzhou(&c, vec![item]).await;
+        h.expect_refused(RefuseReason::Violation, "max_item_bytes")
+            .await;
+        // The honest sibling is served.
+        let mut ok = hostile(&c, "ningbo").await;
+        ok.hello("ningbo").await;
+        ok.first_record_of_acked("c-ningbo", "ningbo").await;
+    });
+    assert_eq!(c.get("zhejiang", "/v1/records/customer/c-huge").status, 404);
+    assert_eq!(
+        c.get("zhejiang", "/v1/records/customer/c-ningbo").status,
+        200
+    );
+}
+
+/// Case 7: before its Hello a peer can announce no more than a Hello-sized
+/// frame (the parent closes at once instead of waiting for a full data
+/// frame), must send its Hello in time, and one identity holds at most
+/// `MAX_LINKS_PER_IDENTITY` connections; another child is served meanwhile.
+#[test]
+fn before_the_hello_a_peer_holds_little_and_one_identity_few_links() {
+    use tiersync::link::downlink::{HELLO_MAX_BYTES, HELLO_TIMEOUT, MAX_LINKS_PER_IDENTITY};
+    let c = cluster();
+    let api = c.api("zhejiang");
+    runtime().block_on(async {
+        // A first frame announced larger than a Hello: closed without
+        // waiting for its body (which would take FRAME_BODY_TIMEOUT).
+        let mut big = hostile(&c, "hangzhou").await;
+        let len = u32::try_from(HELLO_MAX_BYTES + 1).unwrap();
+        // (The parent may close before the bytes after the prefix arrive.)
+        let mut prefix = len.to_be_bytes().to_vec();
+        prefix.extend([1, 0, 0]);
+        big.send.write_all(&prefix).await.unwrap();
+        let closed =
+            tokio::time::timeout(tiersync::link::FRAME_BODY_TIMEOUT / 2, big.conn.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "an oversized first frame must drop the link at once"
+        );
+
+        // More connections of one identity than allowed: the extra one is
+        // closed; those within the cap (each past its Hello) stay.
+        let mut held = Vec::new();
+        for _ in 0..MAX_LINKS_PER_IDENTITY {
+            let mut h = hostile(&c, "hangzhou").await;
+            h.hello("hangzhou").await;
+            held.push(h);
+        }
+        let (_extra_endpoint, extra) = connect_to(&c, "zhejiang", "hangzhou").await;
+        let closed = tokio::time::timeout(Duration::from_secs(10), extra.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "a connection beyond the identity's cap must be closed"
+        );
+        assert!(held.iter().all(|h| h.conn.close_reason().is_none()));
+
+        // Another child is served meanwhile.
+        let mut ok = hostile(&c, "ningbo").await;
+        ok.hello("ningbo").await;
+
+        // A connection that never says Hello is closed after HELLO_TIMEOUT.
+        let silent = hostile(&c, "ningbo").await;
+        let closed = tokio::time::timeout(
+            HELLO_TIMEOUT + Duration::from_secs(10),
+            silent.conn.closed(),
+        )
+        .await;
+        assert!(closed.is_ok(), "a peer without a Hello must be dropped");
+        assert!(ok.conn.close_reason().is_none());
+
+        // Once a link is gone, its identity's slot is free again.
+        drop(held.pop());
+        let mut again = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let (endpoint, conn) = connect_to(&c, "zhejiang", "hangzhou").await;
+                let Ok((send, recv)) = conn.open_bi().await else {
+                    continue;
+                };
+                let mut h = Hostile {
+                    _endpoint: endpoint,
+                    conn,
+                    send,
+                    recv,
+                };
+                let hello = hello_frame("hangzhou", PROTOCOL_VERSION, 7);
+                if write_frame(&mut h.send, &hello, 1 << 22).await.is_err() {
+                    continue;
+                }
+                if let Some(Frame::Welcome { .. }) = h.recv().await {
+                    return h;
+                }
+            }
+        })
+        .await
+        .expect("the freed slot is taken again");
+        again.first_record_acked("c-after-cap").await;
+    });
+    assert!(refused(api, "identity_overload") >= 1);
+    assert!(refused(api, "hello_timeout") >= 1);
+}
+
+/// The rows of aggregate `name` at zhejiang.
+fn aggregate_rows(c: &Cluster, name: &str) -> Vec<Json> {
+    let r = c.get("zhejiang", &format!("/v1/aggregates/{name}"));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body["rows"].as_array().cloned().unwrap_or_default()
+}
+
+/// Counters of the example policy's private opportunity aggregate: a share
+/// of `actor` in the group of origin `group_origin`.
+fn opportunity_counters(group_origin: &str, actor: &str, count: i128) -> WireItem {
+    use tiersync_protocol::aggregate::{COUNTERS_CATEGORY, Compiled, Counters};
+    let policy = example_policy();
+    let agg = Compiled::all(&policy)
+        .into_iter()
+        .find(|a| a.name == "opportunities_by_city_stage_month")
+        .unwrap();
+    let group = vec![
+        Some(group_origin.to_string()),
+        Some("won".to_string()),
+        Some("2026-09".to_string()),
+    ];
+    let mut c = Counters::new(&agg.name, group.clone(), agg.measures.len());
+    c.set(
+        &NodeId::new(actor).unwrap(),
+        vec![count, count * 1_000_000],
+        Hlc {
+            physical_ms: tiersync::now_ms(),
+            logical: 0,
+        },
+        7,
+    );
+    WireItem {
+        category: COUNTERS_CATEGORY.into(),
+        key: agg.counters_key(&group),
+        item: Item::Counters(c),
+    }
+}
+
+/// Case 2: a city's counters in another city's group (origin ≠ actor) are
+/// refused; another city's share is dropped; nothing forged is counted, and
+/// the honest city's own counters are.
+#[test]
+fn forged_private_counters_are_refused_and_count_nothing() {
+    let c = cluster();
+    runtime().block_on(async {
+        let mut h =
+            first_batch_as_hangzhou(&c, vec![opportunity_counters("ningbo", "hangzhou", 1000)])
+                .await;
+        h.expect_refused(RefuseReason::Violation, "group of origin ningbo")
+            .await;
+        // Another city's share under its own origin: dropped, the link
+        // goes on with hangzhou's own counters.
+        let mut h = first_batch_as_hangzhou(
+            &c,
+            vec![
+                opportunity_counters("ningbo", "ningbo", 1000),
+                opportunity_counters("hangzhou", "hangzhou", 5),
+            ],
+        )
+        .await;
+        assert!(matches!(h.recv().await, Some(Frame::Ack { last_seq: 1 })));
+    });
+    let rows = aggregate_rows(&c, "opportunities_by_city_stage_month");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["group"]["origin"], "hangzhou", "{rows:?}");
+    assert_eq!(rows[0]["values"]["count"], 5, "{rows:?}");
+}
+
+/// Case 8: bill lines whose amounts would overflow the aggregate's total
+/// (1e33) are refused, not stored, and the totals stay exact.
+#[test]
+fn out_of_range_amounts_are_refused_and_totals_stay_exact() {
+    let c = cluster();
+    let bill = |key: &str, amount: Value| WireItem {
+        category: "billing".into(),
+        key: key.into(),
+        item: Item::Log(tiersync_protocol::LogEntry {
+            fields: BTreeMap::from([
+                ("amount".to_string(), amount),
+                ("billed_at".to_string(), Value::Str("2026-09-01".into())),
+                ("customer_id".to_string(), Value::Str("c-1".into())),
+            ]),
+            stamp: Stamp {
+                hlc: Hlc {
+                    physical_ms: tiersync::now_ms(),
+                    logical: 0,
+                },
+                origin: NodeId::new("hangzhou").unwrap(),
+            },
+        }),
+    };
+    runtime().block_on(async {
+        let mut h = first_batch_as_hangzhou(
+            &c,
+            vec![
+                bill("b-huge-1", Value::Float(1e33)),
+                bill("b-huge-2", Value::Float(1e33)),
+            ],
+        )
+        .await;
+        h.expect_refused(RefuseReason::Violation, "largest summed value")
+            .await;
+        let mut h = first_batch_as_hangzhou(&c, vec![bill("b-ok", Value::Float(12.5))]).await;
+        assert!(matches!(h.recv().await, Some(Frame::Ack { last_seq: 1 })));
+    });
+    assert_eq!(
+        c.get("zhejiang", "/v1/records/billing/b-huge-1").status,
+        404
+    );
+    let rows = aggregate_rows(&c, "billing_by_city_month");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["values"]["sum(amount)"], 12.5, "{rows:?}");
+}
+
+/// Case 4: `certs revoke` and a reload: the revoked child's live link is
+/// closed, its new connections are refused, nothing it sends after is
+/// stored, and its sibling is unaffected.
+#[test]
+fn a_revoked_certificate_is_refused_after_a_reload() {
+    let c = cluster();
+    let api = c.api("zhejiang");
+    let certs_dir = c.dir.path().join("certs");
+    runtime().block_on(async {
+        let mut h = hostile(&c, "hangzhou").await;
+        h.hello("hangzhou").await;
+        h.first_record_acked("c-before-revocation").await;
+        let mut sibling = hostile(&c, "ningbo").await;
+        sibling.hello("ningbo").await;
+
+        certs::revoke(&certs_dir, &NodeId::new("hangzhou").unwrap()).unwrap();
+        let out = std::process::Command::new(tiersync_tests::workspace_bin("tiersync"))
+            .args(["reload", "--timeout", "30", "--config"])
+            .arg(c.config("zhejiang"))
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{said} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(said.contains("revocation list"), "{said}");
+
+        // The live link is closed …
+        let closed = tokio::time::timeout(Duration::from_secs(10), h.conn.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "the revoked child's live link must be closed"
+        );
+        // … and a new connection with the revoked certificate is refused.
+        let certs = c.dir.path().join("certs");
+        let tls = TlsSection {
+            ca: certs.join("ca.pem"),
+            cert: certs.join("hangzhou.pem"),
+            key: certs.join("hangzhou.key"),
+            crl: None,
+        };
+        let client = tiersync::tls::quinn_client_config(&tls).unwrap();
+        let endpoint =
+            tiersync::tls::client_endpoint("127.0.0.1:0".parse().unwrap(), client).unwrap();
+        let refused = match tiersync::tls::connect(
+            &endpoint,
+            c.peer_addr("zhejiang"),
+            &NodeId::new("zhejiang").unwrap(),
+        )
+        .await
+        {
+            Err(_) => true,
+            // TLS 1.3: the client may finish before the server checked its
+            // certificate; then the server closes the connection.
+            Ok(conn) => match conn.open_bi().await {
+                Err(_) => true,
+                Ok((mut send, mut recv)) => {
+                    let hello = hello_frame("hangzhou", PROTOCOL_VERSION, 7);
+                    let _ = write_frame(&mut send, &hello, 1 << 22).await;
+                    let answer = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        read_frame(&mut recv, 1 << 22),
+                    )
+                    .await;
+                    !matches!(answer, Ok(Ok(Some((Frame::Welcome { .. }, _)))))
+                }
+            },
+        };
+        assert!(refused, "a revoked certificate must not get a link");
+        // The sibling goes on.
+        sibling
+            .first_record_of_acked("c-sibling-after-revocation", "ningbo")
+            .await;
+    });
+    assert_eq!(
+        c.get(
+            "zhejiang",
+            "/v1/records/customer/c-sibling-after-revocation"
+        )
+        .status,
+        200
+    );
+    assert!(refused(api, "revoked") >= 1);
+}
+
+/// Case 3: the tree comes from national's configuration (`[subtree]`), the
+/// tier from the certificate: a province (valid certificate) claiming its
+/// sibling's city, or saying it is a city, is refused; nothing it sends is
+/// stored; the sibling province is accepted with its own cities.
+#[test]
+fn a_province_cannot_claim_another_provinces_cities() {
+    let mut c = Cluster::new(&Spec {
+        provinces: 2,
+        cities_per_province: 1,
+        ..Spec::default()
+    });
+    c.start("national");
+    let (zhejiang, jiangsu) = ("zhejiang", "jiangsu");
+    let (theirs, mine) = (
+        c.cities_below(jiangsu)[0].clone(),
+        c.cities_below(zhejiang)[0].clone(),
+    );
+    let hello = |node: &str, tier: Tier, subtree: Vec<&str>| Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        node: NodeId::new(node).unwrap(),
+        tier,
+        policy_digest: example_policy().digest(),
+        incarnation: 7,
+        subtree: subtree
+            .into_iter()
+            .map(|n| NodeId::new(n).unwrap())
+            .collect(),
+    };
+    runtime().block_on(async {
+        // While jiangsu is down, zhejiang claims jiangsu's city.
+        let mut h = hostile_to(&c, "national", zhejiang).await;
+        h.send(&hello(zhejiang, Tier::Province, vec![&mine, &theirs]))
+            .await;
+        h.expect_refused(RefuseReason::Violation, "does not place below it")
+            .await;
+        // The tier is the certificate's, not the Hello's.
+        let mut h = hostile_to(&c, "national", zhejiang).await;
+        h.send(&hello(zhejiang, Tier::City, vec![])).await;
+        match h.recv().await {
+            Some(Frame::Refuse {
+                reason: RefuseReason::IdMismatch,
+                message,
+            }) => assert!(
+                message.contains("certificate is for a province"),
+                "{message}"
+            ),
+            other => panic!("expected an IdMismatch refusal, got {other:?}"),
+        }
+        // jiangsu, with its own city, is accepted and what it relays stored.
+        let mut ok = hostile_to(&c, "national", jiangsu).await;
+        ok.send(&hello(jiangsu, Tier::Province, vec![&theirs]))
+            .await;
+        assert!(matches!(ok.recv().await, Some(Frame::Welcome { .. })));
+        ok.send(&Frame::Batch {
+            after: 0,
+            last_seq: 1,
+            upto_hlc: Hlc::ZERO,
+            items: vec![record(
+                "customer",
+                "c-of-their-city",
+                &theirs,
+                tiersync::now_ms(),
+            )],
+            watermarks: vec![],
+        })
+        .await;
+        assert!(matches!(ok.recv().await, Some(Frame::Ack { last_seq: 1 })));
+    });
+    assert_eq!(
+        c.get("national", "/v1/records/customer/c-of-their-city")
+            .status,
+        200
     );
 }

@@ -232,6 +232,8 @@ fn move_city(c: &Cluster, city: &str, from: &str, to: &str) {
     edit(to, &|t| {
         t.replacen("children = [", &format!("children = [\"{city}\", "), 1)
     });
+    // national places the city below its new province (`[subtree]`).
+    c.move_in_subtree("national", city, from, to);
 }
 
 #[test]
@@ -246,6 +248,7 @@ fn a_city_moved_to_another_province_is_caught_up_there() {
         c.stop(id);
     }
     move_city(&c, "hangzhou", "zhejiang", "jiangsu");
+    c.reload("national");
     let files = c.deployment.config_files();
     let loaded: Vec<_> = files
         .iter()

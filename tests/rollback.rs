@@ -19,7 +19,7 @@
 //!   province goes on relaying that record (national drops the moved city's
 //!   part of it, counted) and is never blocked; every later write of every
 //!   city reaches national, the record holds both cities' fields, and the
-//!   moved city's private opportunity counts once.
+//!   moved city's private opportunities count once.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is the test failure report
 
@@ -215,12 +215,16 @@ fn moved_city_blocks_nothing_and_counts_once() {
         "/v1/records/customer/shared-1",
         json!({"name": "Li", "segment": "gold"}),
     );
-    put(
-        &c,
-        moved,
-        "/v1/records/opportunity/opp-1",
-        json!({"customer_id": "shared-1", "stage": "won", "expected_value": 700, "expected_close": "2026-11-20"}),
-    );
+    // As many opportunities in one group as privacy.min_group_size: the
+    // smallest group a city publishes.
+    for i in 1..=5 {
+        put(
+            &c,
+            moved,
+            &format!("/v1/records/opportunity/opp-{i}"),
+            json!({"customer_id": "shared-1", "stage": "won", "expected_value": 700, "expected_close": "2026-11-20"}),
+        );
+    }
     assert!(c.wait_complete_at("national", CONVERGE).is_some());
     let r = c.send(
         "PATCH",
@@ -308,5 +312,5 @@ fn moved_city_blocks_nothing_and_counts_once() {
         .filter(|r| r["group"]["origin"] == moved)
         .collect();
     assert_eq!(mine.len(), 1, "{rows}");
-    assert_eq!(mine[0]["values"]["count"], 1, "{rows}");
+    assert_eq!(mine[0]["values"]["count"], 5, "{rows}");
 }

@@ -17,6 +17,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
 };
+use rustls_pki_types::pem::PemObject;
 use tiersync_protocol::{NodeId, Tier};
 use x509_parser::asn1_rs::Tag;
 use x509_parser::certificate::X509Certificate;
@@ -28,10 +29,16 @@ pub const CA_CERT_FILE: &str = "ca.pem";
 pub const CA_KEY_FILE: &str = "ca.key";
 /// How long a new CA is valid.
 pub const CA_VALIDITY_DAYS: u32 = 3650;
-/// Default validity of a node certificate.
-pub const DEFAULT_NODE_VALIDITY_DAYS: u32 = 365;
-/// Longest validity accepted for a node certificate (about 100 years).
-pub const MAX_VALIDITY_DAYS: u32 = 36_500;
+/// Default validity of a node certificate: short, so that a stolen key
+/// stops working soon even if nobody revokes it (renew with `tiersync certs
+/// issue --force`, or `certs request` + `certs sign`, then `tiersync reload`).
+pub const DEFAULT_NODE_VALIDITY_DAYS: u32 = 90;
+/// Longest validity accepted for a node certificate (397 days, as for the
+/// public web PKI): longer lifetimes are refused.
+pub const MAX_VALIDITY_DAYS: u32 = 397;
+/// The certificate revocation list's file name inside a certificate
+/// directory (`certs init` writes an empty one, `certs revoke` adds to it).
+pub const CRL_FILE: &str = "crl.pem";
 
 /// Certificates are valid from this long before they are made, so a peer
 /// whose clock is a little behind accepts a fresh certificate.
@@ -337,7 +344,128 @@ pub fn init_ca(dir: &Path) -> Result<CertFiles, CertError> {
         return Err(e);
     }
     sync_dir(dir)?;
+    // An empty revocation list, so that every node file can name it from
+    // the start and `certs revoke` only ever adds to it.
+    write_crl(dir, Vec::new())?;
     Ok(files)
+}
+
+/// A certificate on the revocation list: its serial number (the DER
+/// INTEGER's content bytes) and when it was revoked (Unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// The serial number.
+    pub serial: Vec<u8>,
+    /// When it was revoked.
+    pub at: i64,
+}
+
+/// Reads the one PEM `what` of `file`.
+fn read_pem<T: PemObject>(file: &Path, what: &str) -> Result<T, CertError> {
+    let text = fs::read(file).map_err(|source| CertError::Read {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    T::from_pem_slice(&text).map_err(|e| CertError::Invalid {
+        file: file.to_path_buf(),
+        reason: format!("not a PEM {what}: {e}"),
+    })
+}
+
+/// Reads the revocation list `file` (PEM): the certificates it revokes.
+pub fn read_crl(file: &Path) -> Result<Vec<Revoked>, CertError> {
+    let der: rustls_pki_types::CertificateRevocationListDer<'static> =
+        read_pem(file, "revocation list")?;
+    let (_, crl) = x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| CertError::Invalid {
+        file: file.to_path_buf(),
+        reason: format!("not a valid revocation list: {e}"),
+    })?;
+    Ok(crl
+        .iter_revoked_certificates()
+        .map(|r| Revoked {
+            serial: r.raw_serial().to_vec(),
+            at: r.revocation_date.timestamp(),
+        })
+        .collect())
+}
+
+/// The serial number of the certificate `file` (PEM).
+pub fn serial_of(file: &Path) -> Result<Vec<u8>, CertError> {
+    let der = read_pem_cert(file)?;
+    let x509 = parse_der(&der).map_err(|reason| CertError::Invalid {
+        file: file.to_path_buf(),
+        reason,
+    })?;
+    Ok(x509.raw_serial().to_vec())
+}
+
+/// Signs and writes `dir/crl.pem` (atomically) revoking `revoked`, with
+/// the CA of `dir`; its number is the signing time, so it only grows.
+fn write_crl(dir: &Path, revoked: Vec<Revoked>) -> Result<PathBuf, CertError> {
+    let file = dir.join(CRL_FILE);
+    let ca = load_ca(dir)?;
+    let now = now_secs();
+    let offset_time = |secs: i64| {
+        rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+    };
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: offset_time(
+            i64::try_from(now.saturating_sub(BACKDATE.as_secs())).unwrap_or(0),
+        ),
+        next_update: offset_time(i64::try_from(ca.not_after.max(now + DAY)).unwrap_or(i64::MAX)),
+        crl_number: rcgen::SerialNumber::from_slice(&now.to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .into_iter()
+            .map(|r| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(&r.serial),
+                revocation_time: offset_time(r.at),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let crl = params
+        .signed_by(&ca.issuer)
+        .and_then(|c| c.pem())
+        .map_err(|source| CertError::Generate {
+            file: file.clone(),
+            source,
+        })?;
+    write_replace(&file, crl.as_bytes(), 0o644)?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+/// Revokes the certificate of `node_id` (`dir/<id>.pem`) with the CA of
+/// `dir`: adds its serial number to `dir/crl.pem` (created if missing) and
+/// returns the list's file. Nodes refuse it once they read the new list
+/// (`tiersync reload`, or SIGHUP), and close its live links.
+pub fn revoke(dir: &Path, node_id: &NodeId) -> Result<PathBuf, CertError> {
+    let serial = serial_of(&dir.join(format!("{node_id}.pem")))?;
+    let crl = dir.join(CRL_FILE);
+    let mut revoked = if crl.exists() {
+        read_crl(&crl)?
+    } else {
+        Vec::new()
+    };
+    if !revoked.iter().any(|r| r.serial == serial) {
+        revoked.push(Revoked {
+            serial,
+            at: i64::try_from(now_secs()).unwrap_or(i64::MAX),
+        });
+    }
+    write_crl(dir, revoked)
+}
+
+/// A random positive serial number of 16 bytes: a certificate signed again
+/// for the same key (a renewal from the same request) is still told apart
+/// from a revoked one.
+fn random_serial() -> rcgen::SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    rcgen::SerialNumber::from_slice(&bytes)
 }
 
 /// The CA of `dir`, ready to sign, and its expiry (Unix secs).
@@ -418,10 +546,9 @@ fn load_ca(dir: &Path) -> Result<Ca, CertError> {
 
 /// Issues a certificate for `node_id`, signed by the CA in `dir`: writes
 /// `<id>.pem` and `<id>.key` (mode 0600) there, replacing earlier ones
-/// atomically (renewal). The node id is the first DNS SAN; `tier`, if given,
-/// adds `tier.<tier>.tiersync`. Valid from an hour ago for `validity_days`,
-/// but never beyond the CA's own expiry. Usable for both client and server
-/// authentication: every node both accepts children and dials its parent.
+/// atomically (renewal). For a deployment whose CA never sees node keys,
+/// use [`request`] on the node and [`sign`] at the CA instead; this is for
+/// tests and single-machine setups (`tiersync demo`).
 pub fn issue(
     dir: &Path,
     node_id: &NodeId,
@@ -441,9 +568,28 @@ pub fn issue_with_hosts(
     validity_days: u32,
     api_hosts: &[String],
 ) -> Result<CertFiles, CertError> {
-    if !(1..=MAX_VALIDITY_DAYS).contains(&validity_days) {
-        return Err(CertError::Validity(validity_days));
-    }
+    let files = node_files(dir, node_id)?;
+    let key = KeyPair::generate().map_err(|source| CertError::Generate {
+        file: files.key.clone(),
+        source,
+    })?;
+    let cert = sign_public_key(
+        dir,
+        node_id,
+        tier,
+        validity_days,
+        api_hosts,
+        &key,
+        &files.cert,
+    )?;
+    write_replace(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
+    write_replace(&files.cert, cert.as_bytes(), 0o644)?;
+    sync_dir(dir)?;
+    Ok(files)
+}
+
+/// `<dir>/<id>.pem` and `<dir>/<id>.key`, unless they are the CA's.
+fn node_files(dir: &Path, node_id: &NodeId) -> Result<CertFiles, CertError> {
     let files = CertFiles {
         cert: dir.join(format!("{node_id}.pem")),
         key: dir.join(format!("{node_id}.key")),
@@ -453,12 +599,32 @@ pub fn issue_with_hosts(
     {
         return Err(CertError::ReservedId(node_id.clone()));
     }
+    Ok(files)
+}
+
+/// Signs a node certificate (PEM) for `public_key` with the CA of `dir`.
+/// The node id is the first DNS SAN; `tier`, if given, adds
+/// `tier.<tier>.tiersync`. Valid from an hour ago for `validity_days`
+/// (`1..=MAX_VALIDITY_DAYS`), but never beyond the CA's own expiry. Usable
+/// for client and server authentication: every node both accepts children
+/// and dials its parent, and its HTTP API may serve TLS with it.
+fn sign_public_key(
+    dir: &Path,
+    node_id: &NodeId,
+    tier: Option<Tier>,
+    validity_days: u32,
+    api_hosts: &[String],
+    public_key: &impl PublicKeyData,
+    cert_file: &Path,
+) -> Result<String, CertError> {
+    if !(1..=MAX_VALIDITY_DAYS).contains(&validity_days) {
+        return Err(CertError::Validity(validity_days));
+    }
     let ca = load_ca(dir)?;
     let generate = |source| CertError::Generate {
-        file: files.cert.clone(),
+        file: cert_file.to_path_buf(),
         source,
     };
-    let key = KeyPair::generate().map_err(generate)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, node_id.as_str());
@@ -485,13 +651,14 @@ pub fn issue_with_hosts(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
     set_validity(&mut params, validity_days, Some(ca.not_after));
-    let cert = params.signed_by(&key, &ca.issuer).map_err(generate)?;
+    let cert = params.signed_by(public_key, &ca.issuer).map_err(generate)?;
 
     // The issuer name must match the CA's subject byte for byte, or no
     // verifier will chain the certificate to the CA.
     let issued = parse_der(cert.der()).map_err(|reason| CertError::Invalid {
-        file: files.cert.clone(),
+        file: cert_file.to_path_buf(),
         reason,
     })?;
     if issued.issuer().as_raw() != ca.subject_der.as_slice() {
@@ -500,11 +667,138 @@ pub fn issue_with_hosts(
             reason: "the CA's subject name cannot be reproduced; was this CA made by `tiersync certs init`?".into(),
         });
     }
+    Ok(cert.pem())
+}
 
-    write_replace(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
-    write_replace(&files.cert, cert.pem().as_bytes(), 0o644)?;
+/// What [`request`] wrote on the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestFiles {
+    /// The private key (PKCS#8 PEM, mode 0600): it never leaves the node.
+    pub key: PathBuf,
+    /// The certificate signing request (PEM), for the CA.
+    pub csr: PathBuf,
+}
+
+/// On the node: makes `dir/<id>.key` (mode 0600) and a signing request
+/// `dir/<id>.csr` for the CA. An existing key is kept (a renewal requests a
+/// new certificate for it) unless `new_key`, which replaces it (after a
+/// compromise). The key never leaves `dir`.
+pub fn request(dir: &Path, node_id: &NodeId, new_key: bool) -> Result<RequestFiles, CertError> {
+    let files = node_files(dir, node_id)?;
+    let csr_file = dir.join(format!("{node_id}.csr"));
+    ensure_dir(dir)?;
+    let key = if files.key.exists() && !new_key {
+        read_key(&files.key)?
+    } else {
+        let key = KeyPair::generate().map_err(|source| CertError::Generate {
+            file: files.key.clone(),
+            source,
+        })?;
+        write_replace(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
+        key
+    };
+    let generate = |source| CertError::Generate {
+        file: csr_file.clone(),
+        source,
+    };
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node_id.as_str());
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::DnsName(
+        node_id.as_str().try_into().map_err(generate)?,
+    )];
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|r| r.pem())
+        .map_err(generate)?;
+    write_replace(&csr_file, csr.as_bytes(), 0o644)?;
     sync_dir(dir)?;
-    Ok(files)
+    Ok(RequestFiles {
+        key: files.key,
+        csr: csr_file,
+    })
+}
+
+/// An ECDSA P-256 public key taken from a signing request.
+struct RequestedKey(Vec<u8>);
+
+impl PublicKeyData for RequestedKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// At the CA: signs the request `csr` (from [`request`]) for `node_id`,
+/// writing `dir/<id>.pem`. The request must name `node_id` (its common
+/// name), hold an ECDSA P-256 key and be signed by that key (proof that
+/// the requester holds it). No private key is read or written but the
+/// CA's.
+pub fn sign(
+    dir: &Path,
+    csr: &Path,
+    node_id: &NodeId,
+    tier: Option<Tier>,
+    validity_days: u32,
+    api_hosts: &[String],
+) -> Result<PathBuf, CertError> {
+    let files = node_files(dir, node_id)?;
+    let invalid = |reason: String| CertError::Invalid {
+        file: csr.to_path_buf(),
+        reason,
+    };
+    let der: rustls_pki_types::CertificateSigningRequestDer<'static> =
+        read_pem(csr, "signing request")?;
+    use x509_parser::prelude::FromDer;
+    let (_, req) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(der.as_ref())
+            .map_err(|e| invalid(format!("not a valid signing request: {e}")))?;
+    let info = &req.certification_request_info;
+    let named = info
+        .subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    if named.as_deref() != Some(node_id.as_str()) {
+        return Err(invalid(format!(
+            "the request is for {}, not {node_id}",
+            named.as_deref().unwrap_or("no node id")
+        )));
+    }
+    let spki = &info.subject_pki;
+    let p256 = x509_parser::oid_registry::OID_EC_P256;
+    let ec = x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    if spki.algorithm.algorithm != ec || curve.as_ref() != Some(&p256) {
+        return Err(invalid(
+            "the request's key is not ECDSA P-256 (make it with `tiersync certs request`)".into(),
+        ));
+    }
+    let key = spki.subject_public_key.data.to_vec();
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, &key)
+        .verify(info.raw, &req.signature_value.data)
+        .map_err(|_| invalid("the request's signature does not verify with its key".into()))?;
+    let cert = sign_public_key(
+        dir,
+        node_id,
+        tier,
+        validity_days,
+        api_hosts,
+        &RequestedKey(key),
+        &files.cert,
+    )?;
+    write_replace(&files.cert, cert.as_bytes(), 0o644)?;
+    sync_dir(dir)?;
+    Ok(files.cert)
 }
 
 /// Reads a PEM certificate: its node id, tier, names and validity.
@@ -562,8 +856,8 @@ mod tests {
         assert_eq!(mode(&again.key), 0o600);
         assert_eq!(
             fs::read_dir(dir.path()).unwrap().count(),
-            4,
-            "no temporary files left"
+            5,
+            "no temporary files left (CA, its revocation list, the node's two files)"
         );
     }
 
@@ -606,17 +900,48 @@ mod tests {
     }
 
     #[test]
-    fn node_validity_is_capped_by_the_ca() {
+    fn node_validity_is_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = init_ca(dir.path()).unwrap();
+        init_ca(dir.path()).unwrap();
         let node = issue(dir.path(), &id("n1"), None, MAX_VALIDITY_DAYS).unwrap();
+        let now = i64::try_from(now_secs()).unwrap();
+        let days = (inspect(&node.cert).unwrap().not_after - now) / 86_400;
+        assert!(days <= i64::from(MAX_VALIDITY_DAYS), "{days}");
+        for absurd in [0, MAX_VALIDITY_DAYS + 1, 36_500] {
+            assert!(matches!(
+                issue(dir.path(), &id("n1"), None, absurd),
+                Err(CertError::Validity(d)) if d == absurd
+            ));
+        }
+    }
+
+    /// Case 4 of issue 15: `revoke` puts the node's current certificate on
+    /// the CA's list (once), keeps earlier entries, and a renewed
+    /// certificate (a new serial) is not on it.
+    #[test]
+    fn revoke_lists_the_current_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path()).unwrap();
+        assert!(read_crl(&dir.path().join(CRL_FILE)).unwrap().is_empty());
+        let a = issue(dir.path(), &id("hangzhou"), None, 30).unwrap();
+        let b = issue(dir.path(), &id("ningbo"), None, 30).unwrap();
+        let crl = revoke(dir.path(), &id("hangzhou")).unwrap();
+        revoke(dir.path(), &id("hangzhou")).unwrap();
+        revoke(dir.path(), &id("ningbo")).unwrap();
+        let listed: Vec<Vec<u8>> = read_crl(&crl)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.serial)
+            .collect();
         assert_eq!(
-            inspect(&node.cert).unwrap().not_after,
-            inspect(&ca.cert).unwrap().not_after
+            listed,
+            vec![serial_of(&a.cert).unwrap(), serial_of(&b.cert).unwrap()]
         );
+        let renewed = issue(dir.path(), &id("hangzhou"), None, 30).unwrap();
+        assert!(!listed.contains(&serial_of(&renewed.cert).unwrap()));
         assert!(matches!(
-            issue(dir.path(), &id("n1"), None, 0),
-            Err(CertError::Validity(0))
+            revoke(dir.path(), &id("nobody")),
+            Err(CertError::Read { .. })
         ));
     }
 
@@ -639,6 +964,68 @@ mod tests {
         fs::copy(other.path().join(CA_KEY_FILE), dir.path().join(CA_KEY_FILE)).unwrap();
         let err = issue(dir.path(), &id("n1"), None, 1).unwrap_err();
         assert!(matches!(err, CertError::KeyMismatch { .. }), "{err}");
+    }
+
+    /// Case 5 of issue 15: the key is made on the node and stays there;
+    /// the CA signs the request for the id it names, and the certificate
+    /// works with the node's own key; a request for another id, or whose
+    /// signature does not verify, is refused.
+    #[test]
+    fn a_request_signed_at_the_ca_keeps_the_key_on_the_node() {
+        let ca = tempfile::tempdir().unwrap();
+        init_ca(ca.path()).unwrap();
+        let node = tempfile::tempdir().unwrap();
+        let req = request(node.path(), &id("hangzhou"), false).unwrap();
+        assert_eq!(mode(&req.key), 0o600);
+        let key_before = fs::read(&req.key).unwrap();
+        let cert = sign(
+            ca.path(),
+            &req.csr,
+            &id("hangzhou"),
+            Some(Tier::City),
+            90,
+            &[],
+        )
+        .unwrap();
+        let info = inspect(&cert).unwrap();
+        assert_eq!(info.node_id, Some(id("hangzhou")));
+        assert_eq!(info.tier, Some(Tier::City));
+        assert!(
+            !ca.path().join("hangzhou.key").exists(),
+            "no node key at the CA"
+        );
+        // The certificate and the node's own key make a TLS identity.
+        let tls = crate::config::TlsSection {
+            ca: ca.path().join(CA_CERT_FILE),
+            cert: cert.clone(),
+            key: req.key.clone(),
+            crl: Some(ca.path().join(CRL_FILE)),
+        };
+        crate::tls::server_config(&tls).unwrap();
+        // Renewal: a new request keeps the key.
+        request(node.path(), &id("hangzhou"), false).unwrap();
+        assert_eq!(fs::read(&req.key).unwrap(), key_before);
+        // Another id than the request names.
+        let err = sign(ca.path(), &req.csr, &id("ningbo"), None, 90, &[]).unwrap_err();
+        assert!(err.to_string().contains("not ningbo"), "{err}");
+        // A tampered request: one base64 digit of its signature changed.
+        let pem = fs::read_to_string(&req.csr).unwrap();
+        let mut lines: Vec<String> = pem.lines().map(str::to_string).collect();
+        let sig_line = lines.len() - 3;
+        let flipped: String = lines[sig_line]
+            .chars()
+            .enumerate()
+            .map(|(i, c)| match (i, c) {
+                (4, 'A') => 'B',
+                (4, _) => 'A',
+                (_, c) => c,
+            })
+            .collect();
+        lines[sig_line] = flipped;
+        let b64 = lines.join("\n") + "\n";
+        let bad = node.path().join("bad.csr");
+        fs::write(&bad, b64).unwrap();
+        assert!(sign(ca.path(), &bad, &id("hangzhou"), None, 90, &[]).is_err());
     }
 
     #[test]

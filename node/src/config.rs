@@ -5,7 +5,7 @@
 //! keys and bad values alike. Relative paths in a node file are resolved
 //! against the directory of that file, so a deployment directory can move.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -106,8 +106,15 @@ pub struct TlsSection {
     pub ca: PathBuf,
     /// This node's certificate (PEM).
     pub cert: PathBuf,
-    /// This node's private key (PEM).
+    /// This node's private key (PEM). Refused at start when its file mode
+    /// lets anyone but its owner read it.
     pub key: PathBuf,
+    /// The deployment's certificate revocation list (PEM, `crl.pem` beside
+    /// the CA, written by `tiersync certs init` and `certs revoke`): peers
+    /// whose certificate it lists are refused, and their live links closed
+    /// at the next reload. Optional; without it nothing is revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
 }
 
 /// `[storage]`: durability and storage knobs.
@@ -208,6 +215,13 @@ pub struct NodeConfig {
     /// Ids of the nodes allowed to connect as children.
     #[serde(default)]
     pub children: Vec<NodeId>,
+    /// `[subtree]`: for each child that relays others (a province), every
+    /// node that may appear below it. A child's Hello may claim only those;
+    /// a child listed here is not a city, one not listed is (unless its
+    /// certificate names its tier). Without the table the claims of the
+    /// Hellos are trusted (first come, first served).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subtree: Option<BTreeMap<NodeId, Vec<NodeId>>>,
     /// Certificates; required when the node has a parent or children.
     #[serde(default)]
     pub tls: Option<TlsSection>,
@@ -301,6 +315,15 @@ pub fn load_policy(file: &Path) -> Result<Policy, ConfigError> {
 }
 
 impl NodeConfig {
+    /// `[subtree]` as sets, for the links.
+    pub fn subtrees(&self) -> Option<BTreeMap<NodeId, BTreeSet<NodeId>>> {
+        self.subtree.as_ref().map(|m| {
+            m.iter()
+                .map(|(c, below)| (c.clone(), below.iter().cloned().collect()))
+                .collect()
+        })
+    }
+
     /// Checks the rules a single node file must follow on its own.
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         let id = &self.node.id;
@@ -342,6 +365,34 @@ impl NodeConfig {
                     format!("children[{i}]"),
                     format!("{c} is also this node's parent"),
                 ));
+            }
+        }
+        let mut placed: BTreeMap<&NodeId, &NodeId> = BTreeMap::new();
+        for (child, below) in self.subtree.iter().flatten() {
+            let key = format!("subtree.{child}");
+            if !self.children.contains(child) {
+                return Err(invalid(file, key, format!("{child} is not in children")));
+            }
+            for n in below {
+                if n == id
+                    || self.children.contains(n)
+                    || self.parent.as_ref().is_some_and(|p| &p.id == n)
+                {
+                    return Err(invalid(
+                        file,
+                        key,
+                        format!(
+                            "{n} cannot be below {child}: it is this node, its parent or one of its children"
+                        ),
+                    ));
+                }
+                if let Some(other) = placed.insert(n, child) {
+                    return Err(invalid(
+                        file,
+                        key,
+                        format!("{n} is placed below both {other} and {child}"),
+                    ));
+                }
             }
         }
         if let Some(p) = &self.parent
@@ -421,6 +472,9 @@ impl NodeConfig {
             abs(&mut t.ca);
             abs(&mut t.cert);
             abs(&mut t.key);
+            if let Some(crl) = &mut t.crl {
+                abs(crl);
+            }
         }
     }
 }

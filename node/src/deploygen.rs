@@ -199,6 +199,29 @@ pub fn generate(dir: &Path, spec: &Spec) -> Result<Generated> {
                 .map(|&c| format!("{:?}", plan[c].id))
                 .collect();
             let _ = writeln!(toml, "children = [{}]", kids.join(", "));
+            // Who may appear below each relaying child: the tree as planned,
+            // so a province cannot claim another's cities.
+            let relays: Vec<usize> = n
+                .children
+                .iter()
+                .copied()
+                .filter(|&c| plan[c].tier != Tier::City)
+                .collect();
+            if !relays.is_empty() {
+                let _ = writeln!(
+                    toml,
+                    "
+[subtree]"
+                );
+                for c in relays {
+                    let below: Vec<String> = plan[c]
+                        .children
+                        .iter()
+                        .map(|&g| format!("{:?}", plan[g].id))
+                        .collect();
+                    let _ = writeln!(toml, "{:?} = [{}]", plan[c].id, below.join(", "));
+                }
+            }
         }
         let _ = writeln!(
             toml,
@@ -226,7 +249,7 @@ pub fn generate(dir: &Path, spec: &Spec) -> Result<Generated> {
         }
         let _ = writeln!(
             toml,
-            "\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{0}.pem\"\nkey = \"certs/{0}.key\"",
+            "\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{0}.pem\"\nkey = \"certs/{0}.key\"\ncrl = \"certs/crl.pem\"",
             n.id
         );
         let durability = match spec.durability {

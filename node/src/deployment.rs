@@ -122,6 +122,46 @@ pub fn check(nodes: &[Loaded]) -> Vec<Problem> {
                 );
             }
         }
+        // `[subtree]` must place below each child exactly the nodes the
+        // given files put there (what is not given is not judged).
+        if let Some(configured) = &l.config.subtree {
+            for c in &l.config.children {
+                let Some(child) = by_id.get(c) else { continue };
+                let mut below = BTreeSet::new();
+                let mut stack: Vec<&NodeId> = child.config.children.iter().collect();
+                while let Some(n) = stack.pop() {
+                    if below.insert(n)
+                        && let Some(node) = by_id.get(n)
+                    {
+                        stack.extend(node.config.children.iter());
+                    }
+                }
+                let listed: BTreeSet<&NodeId> = configured.get(c).into_iter().flatten().collect();
+                let missing: Vec<&str> = below.difference(&listed).map(|n| n.as_str()).collect();
+                if !missing.is_empty() {
+                    problem(
+                        l,
+                        &format!("subtree.{c}"),
+                        format!(
+                            "does not list {} below {c}, as the deployment places them: {me} would refuse {c}'s link",
+                            missing.join(", ")
+                        ),
+                    );
+                }
+                if child.config.node.tier != tiersync_protocol::Tier::City
+                    && !configured.contains_key(c)
+                {
+                    problem(
+                        l,
+                        "subtree",
+                        format!(
+                            "{c} is a {} but has no entry: {me} would take it for a city",
+                            child.config.node.tier
+                        ),
+                    );
+                }
+            }
+        }
         for (i, c) in l.config.children.iter().enumerate() {
             if let Some(child) = by_id.get(c)
                 && child.config.parent.as_ref().map(|p| &p.id) != Some(me)

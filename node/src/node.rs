@@ -55,6 +55,11 @@ struct Live {
     client_material: Option<Arc<crate::tls::ClientMaterial>>,
     /// The children allowed to connect.
     children: Arc<ArcSwap<BTreeSet<NodeId>>>,
+    /// Who may appear below each child.
+    subtrees: Arc<ArcSwap<downlink::Subtrees>>,
+    /// Serial numbers on the revocation list: a reload that changes them
+    /// closes the live links of revoked children.
+    revoked: watch::Sender<Arc<crate::tls::RevokedSerials>>,
 }
 
 /// Why a reload was refused; the running configuration is kept.
@@ -82,6 +87,7 @@ struct Prepared {
     uplink_endpoint: Option<quinn::Endpoint>,
     client_material: Option<Arc<crate::tls::ClientMaterial>>,
     api_tls: Option<Arc<rustls::ServerConfig>>,
+    revoked: crate::tls::RevokedSerials,
 }
 
 /// Checks certificates and binds every address `loaded` names. Nothing here
@@ -148,6 +154,10 @@ async fn prepare(loaded: &Loaded) -> Result<Prepared> {
             );
         }
     }
+    let revoked = match &cfg.tls {
+        Some(tls) => crate::tls::revoked_serials(tls).context("reading the revocation list")?,
+        None => Default::default(),
+    };
     let api_addr = api.local_addr().context("API address")?;
     let peer_addr = match &peer_endpoint {
         Some(e) => Some(e.local_addr().context("peer endpoint address")?),
@@ -161,6 +171,7 @@ async fn prepare(loaded: &Loaded) -> Result<Prepared> {
         uplink_endpoint,
         client_material,
         api_tls,
+        revoked,
     })
 }
 
@@ -179,7 +190,7 @@ fn bind_message(key: &str, addr: SocketAddr, e: &std::io::Error) -> String {
 
 /// Opens the store, naming a data directory held by another process as such
 /// instead of with RocksDB's lock-file message.
-fn open_store(
+pub(crate) fn open_store(
     cfg: &crate::config::NodeConfig,
     policy: Arc<tiersync_protocol::Policy>,
 ) -> Result<Store> {
@@ -236,14 +247,18 @@ pub async fn start(
     let children = Arc::new(ArcSwap::from_pointee(
         cfg.children.iter().cloned().collect::<BTreeSet<NodeId>>(),
     ));
+    let subtrees = Arc::new(ArcSwap::from_pointee(cfg.subtrees()));
     let peer_addr = prepared.peer_addr;
+    let (revoked, revoked_rx) = watch::channel(Arc::new(prepared.revoked));
     if let Some(endpoint) = &prepared.peer_endpoint {
         let ctx = DownlinkCtx {
+            revoked: revoked_rx,
             store: store.clone(),
             policy: policy.clone(),
             node: cfg.node.id.clone(),
             tier: cfg.node.tier,
             children: children.clone(),
+            subtrees: subtrees.clone(),
             claims: claims.clone(),
             status: status.clone(),
         };
@@ -368,6 +383,8 @@ pub async fn start(
             peer_endpoint: prepared.peer_endpoint,
             client_material: prepared.client_material,
             children,
+            subtrees,
+            revoked,
         },
     })
 }
@@ -520,9 +537,12 @@ impl Running {
                     .collect();
                 return Err(ReloadError::Tls(lines.join("; ")));
             }
-            // Everything is built before anything is swapped: the server
-            // configuration first, then the client material (whose reload
-            // swaps only once all its files are usable).
+            // Everything is built before anything is swapped: the
+            // revocation list and the server configuration first, then the
+            // client material (whose reload swaps only once all its files
+            // are usable).
+            let revoked =
+                crate::tls::revoked_serials(tls).map_err(|e| ReloadError::Tls(e.to_string()))?;
             let server = match &self.live.peer_endpoint {
                 Some(_) => Some(
                     crate::tls::quinn_server_config(tls)
@@ -539,6 +559,18 @@ impl Running {
                 endpoint.set_server_config(Some(server));
             }
             applied.push("certificates re-read".to_string());
+            let more = revoked.len();
+            if self.live.revoked.send_if_modified(|cur| {
+                let changed = **cur != revoked;
+                if changed {
+                    *cur = Arc::new(revoked);
+                }
+                changed
+            }) {
+                applied.push(format!(
+                    "revocation list: {more} certificate(s) revoked; live links of revoked children closed"
+                ));
+            }
         }
         if o.children != n.children {
             let list: Vec<&str> = n.children.iter().map(NodeId::as_str).collect();
@@ -547,6 +579,10 @@ impl Running {
         self.live
             .children
             .store(Arc::new(n.children.iter().cloned().collect()));
+        if o.subtree != n.subtree {
+            applied.push("subtree: the nodes allowed below each child".to_string());
+        }
+        self.live.subtrees.store(Arc::new(n.subtrees()));
         if o.log != n.log {
             applied.push(format!("log.level: {:?}", n.log.level));
         }

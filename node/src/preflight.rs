@@ -69,8 +69,15 @@ pub fn check_tls(node: &Loaded, now: i64) -> Findings {
         &mut error,
         &mut invalid_now,
     );
+    if let Some(crl) = &tls.crl
+        && let Err(e) = certs::read_crl(crl)
+    {
+        error("tls.crl", e.to_string());
+    }
     if !tls.key.exists() {
         error("tls.key", format!("{}: no such file", tls.key.display()));
+    } else if let Some(why) = key_mode_problem(&tls.key) {
+        error("tls.key", why);
     } else if ca_ok && cert_ok {
         // Building the rustls configuration is what `run` does with them:
         // it refuses an unreadable key and a key that is not the
@@ -97,6 +104,20 @@ pub fn check_tls(node: &Loaded, now: i64) -> Findings {
         }
     }
     found
+}
+
+/// Why the key file's mode is unsafe, if it is: a key that its group or
+/// others may read (or write) is refused, as ssh refuses such keys.
+pub fn key_mode_problem(key: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(key).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{} has mode {mode:04o}: others than its owner may read it; run `chmod 600 {}` (a Kubernetes Secret: defaultMode 0400)",
+            key.display(),
+            key.display()
+        )
+    })
 }
 
 /// Checks one certificate file; `owner` is the node id it must name (`None`:

@@ -45,6 +45,9 @@ pub const REFUSAL_REASONS: &[&str] = &[
     "handshake",
     "timeout",
     "session",
+    "identity_overload",
+    "hello_timeout",
+    "revoked",
 ];
 
 /// Installs the process-wide Prometheus recorder with histogram buckets.

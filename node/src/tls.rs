@@ -158,18 +158,23 @@ fn pem_error(file: &Path, what: &'static str, e: rustls_pki_types::pem::Error) -
 
 /// Every certificate of a PEM file (at least one).
 fn load_certs(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    load_pem_all(file, "certificate")
+}
+
+/// Every `what` of a PEM file (at least one).
+fn load_pem_all<T: PemObject>(file: &Path, what: &'static str) -> Result<Vec<T>, TlsError> {
     let bytes = read(file)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+    let items = T::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(file, "certificate", e))?;
-    if certs.is_empty() {
+        .map_err(|e| pem_error(file, what, e))?;
+    if items.is_empty() {
         return Err(pem_error(
             file,
-            "certificate",
+            what,
             rustls_pki_types::pem::Error::NoItemsFound,
         ));
     }
-    Ok(certs)
+    Ok(items)
 }
 
 fn load_key(file: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
@@ -186,6 +191,33 @@ fn load_roots(tls: &TlsSection) -> Result<Arc<RootCertStore>, TlsError> {
     }
     Ok(Arc::new(roots))
 }
+
+/// The revocation list of `[tls] crl`, if any (none: nothing revoked).
+fn load_crls(
+    tls: &TlsSection,
+) -> Result<Vec<rustls_pki_types::CertificateRevocationListDer<'static>>, TlsError> {
+    let Some(file) = &tls.crl else {
+        return Ok(Vec::new());
+    };
+    load_pem_all(file, "revocation list")
+}
+
+/// The serial numbers `[tls] crl` revokes (empty without one): what a
+/// reload compares live links against.
+pub fn revoked_serials(tls: &TlsSection) -> Result<RevokedSerials, TlsError> {
+    let Some(file) = &tls.crl else {
+        return Ok(RevokedSerials::default());
+    };
+    let list = certs::read_crl(file).map_err(|e| TlsError::Pem {
+        file: file.clone(),
+        what: "revocation list",
+        reason: e.to_string(),
+    })?;
+    Ok(list.into_iter().map(|r| r.serial).collect())
+}
+
+/// Serial numbers of revoked certificates.
+pub type RevokedSerials = std::collections::BTreeSet<Vec<u8>>;
 
 fn identity_error(tls: &TlsSection) -> impl FnOnce(rustls::Error) -> TlsError + '_ {
     |source| TlsError::Identity {
@@ -207,11 +239,35 @@ pub fn api_server_config(tls: &TlsSection) -> Result<rustls::ServerConfig, TlsEr
     Ok(config)
 }
 
+/// Verifies a parent's certificate: issued by the deployment CA, not on
+/// its revocation list.
+fn server_verifier(
+    tls: &TlsSection,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<rustls::client::WebPkiServerVerifier>, TlsError> {
+    rustls::client::WebPkiServerVerifier::builder_with_provider(load_roots(tls)?, provider)
+        .with_crls(load_crls(tls)?)
+        .only_check_end_entity_revocation()
+        // A certificate of another issuer has no status on this CA's list;
+        // it fails chain building anyway, with the error that says so.
+        .allow_unknown_revocation_status()
+        .build()
+        .map_err(|source| TlsError::Verifier {
+            file: tls.ca.clone(),
+            source,
+        })
+}
+
 /// The rustls server side: presents this node's certificate and requires a
 /// client certificate issued by the deployment CA. TLS 1.3 only (QUIC).
 pub fn server_config(tls: &TlsSection) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(load_roots(tls)?, provider.clone())
+        .with_crls(load_crls(tls)?)
+        .only_check_end_entity_revocation()
+        // A certificate of another issuer has no status on this CA's list;
+        // it fails chain building anyway, with the error that says so.
+        .allow_unknown_revocation_status()
         .build()
         .map_err(|source| TlsError::Verifier {
             file: tls.ca.clone(),
@@ -230,9 +286,11 @@ pub fn server_config(tls: &TlsSection) -> Result<rustls::ServerConfig, TlsError>
 /// (and the server name given at connect time) and presents this node's
 /// certificate. TLS 1.3 only (QUIC).
 pub fn client_config(tls: &TlsSection) -> Result<rustls::ClientConfig, TlsError> {
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    let provider = provider();
+    let verifier = server_verifier(tls, provider.clone())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(load_roots(tls)?)
+        .with_webpki_verifier(verifier)
         .with_client_auth_cert(load_certs(&tls.cert)?, load_key(&tls.key)?)
         .map_err(identity_error(tls))?;
     config.alpn_protocols = vec![ALPN.to_vec()];
@@ -281,13 +339,7 @@ impl ClientMaterial {
             &provider,
         )
         .map_err(identity_error(tls))?;
-        let verifier =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(load_roots(tls)?, provider)
-                .build()
-                .map_err(|source| TlsError::Verifier {
-                    file: tls.ca.clone(),
-                    source,
-                })?;
+        let verifier = server_verifier(tls, provider)?;
         Ok((Arc::new(key), verifier))
     }
 }
@@ -513,6 +565,22 @@ pub async fn connect(
 /// presented no certificate, or its certificate names no or several node
 /// ids. The certificate itself was verified against the CA in the handshake.
 pub fn peer_node_id(conn: &quinn::Connection) -> Result<NodeId, TlsError> {
+    peer_cert(conn).map(|p| p.id)
+}
+
+/// What a connected peer's certificate says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    /// Its node id (the one DNS SAN that is a node id).
+    pub id: NodeId,
+    /// Its tier SAN, if it has one.
+    pub tier: Option<tiersync_protocol::Tier>,
+    /// Its serial number (what a revocation list names).
+    pub serial: Vec<u8>,
+}
+
+/// Reads the connected peer's certificate.
+pub fn peer_cert(conn: &quinn::Connection) -> Result<PeerCert, TlsError> {
     let identity = conn
         .peer_identity()
         .ok_or_else(|| TlsError::PeerIdentity("the peer presented no certificate".into()))?;
@@ -522,7 +590,15 @@ pub fn peer_node_id(conn: &quinn::Connection) -> Result<NodeId, TlsError> {
     let leaf = chain
         .first()
         .ok_or_else(|| TlsError::PeerIdentity("the peer presented an empty chain".into()))?;
-    node_id_of(leaf)
+    let x509 = certs::parse_der(leaf).map_err(TlsError::PeerIdentity)?;
+    let tier = certs::san_identity(&x509)
+        .map_err(TlsError::PeerIdentity)?
+        .tier;
+    Ok(PeerCert {
+        id: node_id_of(leaf)?,
+        tier,
+        serial: x509.raw_serial().to_vec(),
+    })
 }
 
 /// The node id of a DER certificate: its one DNS SAN that is a node id.
@@ -569,6 +645,7 @@ mod tests {
             ca: dir.join(certs::CA_CERT_FILE),
             cert: files.cert,
             key: files.key,
+            crl: Some(dir.join(certs::CRL_FILE)),
         }
     }
 

@@ -27,6 +27,17 @@ pub const COUNTERS_CATEGORY: &str = "_agg";
 /// Fixed-point scale of sums: one unit is 10^-6.
 pub const SCALE: i128 = 1_000_000;
 
+/// Largest magnitude of a value that a `sum` adds up (10^15, a
+/// quadrillion): a write or a received item with a summed value beyond it
+/// is refused. Bounding each value keeps every total exact: a city would
+/// need 10^10 such items before its share nears [`MAX_SHARE`].
+pub const MAX_SUMMED: i128 = 1_000_000_000_000_000;
+
+/// Largest magnitude of one city's share of a group, in fixed point (about
+/// 10^31): the totals of up to 2^24 cities' shares always fit `i128`, so a
+/// query's sum cannot overflow.
+pub const MAX_SHARE: i128 = i128::MAX >> 24;
+
 /// A group: one value per dimension (`None` when the item has none).
 pub type GroupKey = Vec<Option<String>>;
 
@@ -96,16 +107,21 @@ impl Compiled {
     }
 
     /// What `item` contributes: its group and one value per measure (count
-    /// 1; sums in fixed point). `None` for a deleted record.
-    pub fn contribution(&self, item: &Item) -> Option<(GroupKey, Vec<i128>)> {
+    /// 1; sums in fixed point). `None` for a deleted record; an error when a
+    /// summed value is beyond [`MAX_SUMMED`] (such an item is refused, never
+    /// counted saturated).
+    pub fn contribution(&self, item: &Item) -> Result<Option<(GroupKey, Vec<i128>)>, Overflow> {
         let (doc, origin): (BTreeMap<&str, &Value>, &NodeId) = match item {
-            Item::Record(r) if r.is_deleted() => return None,
-            Item::Record(r) => (r.document(), r.origin()?),
+            Item::Record(r) if r.is_deleted() => return Ok(None),
+            Item::Record(r) => match r.origin() {
+                Some(o) => (r.document(), o),
+                None => return Ok(None),
+            },
             Item::Log(l) => (
                 l.fields.iter().map(|(k, v)| (k.as_str(), v)).collect(),
                 &l.stamp.origin,
             ),
-            Item::Counters(_) => return None,
+            Item::Counters(_) => return Ok(None),
         };
         let group = self
             .dims
@@ -120,11 +136,18 @@ impl Compiled {
             .measures
             .iter()
             .map(|m| match m {
-                Measure::Count => 1,
-                Measure::Sum(f) => doc.get(f.as_str()).map_or(0, |v| fixed(v)),
+                Measure::Count => Ok(1),
+                Measure::Sum(f) => doc.get(f.as_str()).map_or(Ok(0), |v| {
+                    fixed(v).ok_or_else(|| Overflow {
+                        aggregate: self.name.clone(),
+                        detail: format!(
+                            "field {f:?} is beyond the largest summed value (±{MAX_SUMMED})"
+                        ),
+                    })
+                }),
             })
-            .collect();
-        Some((group, values))
+            .collect::<Result<Vec<i128>, Overflow>>()?;
+        Ok(Some((group, values)))
     }
 
     /// The key of the counters item of `group` in [`COUNTERS_CATEGORY`].
@@ -146,6 +169,11 @@ impl Compiled {
             self.digest,
             hex::encode(&h.finalize()[..12])
         )
+    }
+
+    /// Which measure is the `count` (the one the privacy threshold judges).
+    pub fn count_index(&self) -> Option<usize> {
+        self.measures.iter().position(|m| *m == Measure::Count)
     }
 
     /// The key prefix of this definition's counters items.
@@ -205,13 +233,21 @@ fn civil_date(ms: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// A numeric value in fixed point (non-numbers count as 0).
-pub fn fixed(v: &Value) -> i128 {
-    match v {
-        Value::Int(i) => i128::from(*i) * SCALE,
-        Value::Float(f) if f.is_finite() => (f * SCALE as f64).round() as i128,
+/// A numeric value in fixed point (non-numbers count as 0); `None` beyond
+/// [`MAX_SUMMED`], where a float's conversion would lose the value (and,
+/// far enough, saturate).
+pub fn fixed(v: &Value) -> Option<i128> {
+    let units = match v {
+        Value::Int(i) => i128::from(*i).checked_mul(SCALE)?,
+        Value::Float(f) if f.is_finite() => {
+            if f.abs() > MAX_SUMMED as f64 {
+                return None;
+            }
+            (f * SCALE as f64).round() as i128
+        }
         _ => 0,
-    }
+    };
+    (units.unsigned_abs() <= (MAX_SUMMED * SCALE).unsigned_abs()).then_some(units)
 }
 
 /// The per-group totals of a `local`-category aggregate: each city's own
@@ -248,10 +284,22 @@ pub struct Share {
 
 /// An aggregate total would leave the range of `i128` fixed point.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("aggregate {aggregate}: a total would overflow (over 1.7e32 in fixed point)")]
+#[error("aggregate {aggregate}: {detail}")]
 pub struct Overflow {
     /// The aggregate.
     pub aggregate: String,
+    /// Which value or total, and its bound.
+    pub detail: String,
+}
+
+impl Overflow {
+    /// A city's share of a group would leave ±[`MAX_SHARE`].
+    pub fn share(aggregate: &str) -> Self {
+        Self {
+            aggregate: aggregate.to_string(),
+            detail: format!("a city's total would be beyond ±{MAX_SHARE} in fixed point"),
+        }
+    }
 }
 
 impl Counters {
@@ -279,11 +327,12 @@ impl Counters {
         let values = cur
             .iter()
             .zip(delta.iter().chain(std::iter::repeat(&0)))
-            .map(|(a, d)| a.checked_add(*d))
+            .map(|(a, d)| {
+                a.checked_add(*d)
+                    .filter(|t| t.unsigned_abs() <= MAX_SHARE.unsigned_abs())
+            })
             .collect::<Option<Vec<i128>>>()
-            .ok_or_else(|| Overflow {
-                aggregate: self.aggregate.clone(),
-            })?;
+            .ok_or_else(|| Overflow::share(&self.aggregate))?;
         self.set(actor, values, version, incarnation);
         Ok(())
     }
@@ -332,8 +381,9 @@ impl Counters {
         v
     }
 
-    /// The totals, one per measure (saturating: a total of many cities'
-    /// shares beyond `i128` is beyond any real figure).
+    /// The totals, one per measure. Every share is within ±[`MAX_SHARE`]
+    /// (checked where it is written and where it is received), so up to 2^24
+    /// cities' shares add up exactly; the saturation is never reached.
     pub fn values(&self) -> Vec<i128> {
         self.values_where(|_| None)
     }
@@ -353,11 +403,38 @@ impl Counters {
         out
     }
 
-    /// Whether every share fits the definition (one value per measure).
+    /// What `node` publishes of these counters: its own share as it is if
+    /// it counts at least `min_group_size` items (measure `count_at`), else
+    /// as zeros with the same version, so a published share of the group is
+    /// withdrawn everywhere and a small group reveals nothing of its items.
+    /// Other nodes' shares (already published by them) pass unchanged.
+    pub fn published(&self, node: &NodeId, count_at: usize, min_group_size: u64) -> Counters {
+        let mut out = self.clone();
+        if let Some(s) = out.shares.get_mut(node)
+            && !share_is_public(s, count_at, min_group_size)
+        {
+            s.values.iter_mut().for_each(|v| *v = 0);
+        }
+        out
+    }
+
+    /// Whether every share is either withdrawn (all zeros) or counts at
+    /// least `min_group_size` items: what a node may receive.
+    pub fn all_public(&self, count_at: usize, min_group_size: u64) -> bool {
+        self.shares.values().all(|s| {
+            s.values.iter().all(|v| *v == 0) || share_is_public(s, count_at, min_group_size)
+        })
+    }
+
+    /// Whether every share fits the definition (one value per measure,
+    /// each within ±[`MAX_SHARE`]).
     pub fn well_formed(&self) -> bool {
-        self.shares
-            .values()
-            .all(|s| s.values.len() == self.measures)
+        self.shares.values().all(|s| {
+            s.values.len() == self.measures
+                && s.values
+                    .iter()
+                    .all(|v| v.unsigned_abs() <= MAX_SHARE.unsigned_abs())
+        })
     }
 
     /// Merges another replica: per actor, the newer share (ties, which only
@@ -398,6 +475,31 @@ impl Counters {
         }
         out
     }
+}
+
+/// `item` as `node` ships it to its parent: counters through
+/// [`Counters::published`] (the node keeps its exact share; what leaves it
+/// counts at least the policy's `privacy.min_group_size` items, or is
+/// zeros); anything else as it is. `aggs` are the policy's aggregates.
+pub fn shipped(aggs: &[Compiled], policy: &Policy, node: &NodeId, item: Item) -> Item {
+    let Item::Counters(c) = item else {
+        return item;
+    };
+    let count_at = aggs
+        .iter()
+        .find(|a| a.name == c.aggregate)
+        .and_then(Compiled::count_index);
+    match count_at {
+        Some(i) => Item::Counters(c.published(node, i, policy.privacy.min_group_size)),
+        None => Item::Counters(c),
+    }
+}
+
+/// Whether a share counts enough items to leave its node.
+fn share_is_public(s: &Share, count_at: usize, min_group_size: u64) -> bool {
+    s.values
+        .get(count_at)
+        .is_some_and(|c| *c >= i128::from(min_group_size))
 }
 
 #[cfg(test)]
@@ -441,17 +543,74 @@ mod tests {
         let d = def(&["origin", "month(billed_at)"], &["count", "sum(amount)"]);
         let (g, v) = d
             .contribution(&bill(Value::Float(12.5), Value::Str("2026-09-01".into())))
+            .unwrap()
             .unwrap();
         assert_eq!(g, vec![Some("hangzhou".into()), Some("2026-09".into())]);
         assert_eq!(v, vec![1, 12_500_000]);
         let (g, _) = d
             .contribution(&bill(Value::Int(1), Value::Int(1_790_000_000_000)))
+            .unwrap()
             .unwrap();
         assert_eq!(g[1].as_deref(), Some("2026-09"));
         let (g, _) = d
             .contribution(&bill(Value::Int(1), Value::Str("soon".into())))
+            .unwrap()
             .unwrap();
         assert_eq!(g[1], None);
+    }
+
+    /// Case 8 of issue 15: a summed value beyond MAX_SUMMED (1e33 would
+    /// have saturated the float conversion) is an error, never a clamped
+    /// or wrapped figure; a share beyond MAX_SHARE is refused by `add` and
+    /// is not well formed when received.
+    #[test]
+    fn out_of_range_values_and_shares_are_refused() {
+        let d = def(&["origin"], &["sum(amount)"]);
+        for v in [
+            Value::Float(1e33),
+            Value::Float(-1e16),
+            Value::Int(i64::MAX),
+            Value::Int(-(MAX_SUMMED as i64) - 1),
+        ] {
+            let err = d
+                .contribution(&bill(v.clone(), Value::Int(0)))
+                .expect_err("refused");
+            assert!(err.to_string().contains("amount"), "{v:?}: {err}");
+        }
+        let (_, v) = d
+            .contribution(&bill(Value::Int(MAX_SUMMED as i64), Value::Int(0)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(v, vec![MAX_SUMMED * SCALE]);
+        // (`overflowing_totals_are_refused`: `add` stops at MAX_SHARE.)
+        let mut c = Counters::new("a", vec![Some("hangzhou".into())], 1);
+        let city = NodeId::new("hangzhou").unwrap();
+        c.set(&city, vec![MAX_SHARE], Hlc::ZERO, 1);
+        assert!(c.well_formed());
+        c.set(&city, vec![MAX_SHARE + 1], Hlc::ZERO, 1);
+        assert!(!c.well_formed());
+    }
+
+    /// Case 6 of issue 15: under the threshold a node's own share leaves
+    /// as zeros (withdrawing what was published), at it as it is; other
+    /// nodes' shares pass unchanged.
+    #[test]
+    fn small_groups_publish_nothing() {
+        let (me, other) = (
+            NodeId::new("hangzhou").unwrap(),
+            NodeId::new("ningbo").unwrap(),
+        );
+        let mut c = Counters::new("a", vec![Some("won".into())], 2);
+        c.set(&me, vec![3, 300 * SCALE], at(9), 1);
+        c.set(&other, vec![7, 700 * SCALE], at(8), 1);
+        let p = c.published(&me, 0, 5);
+        assert_eq!(p.shares[&me].values, vec![0, 0]);
+        assert_eq!(p.shares[&me].version, at(9), "a newer version withdraws");
+        assert_eq!(p.shares[&other], c.shares[&other]);
+        assert!(p.all_public(0, 5));
+        assert!(!c.all_public(0, 5));
+        c.set(&me, vec![5, 500 * SCALE], at(10), 1);
+        assert_eq!(c.published(&me, 0, 5), c);
     }
 
     #[test]
@@ -536,7 +695,7 @@ mod tests {
     fn overflowing_totals_are_refused() {
         let x = NodeId::new("x").unwrap();
         let mut c = Counters::new("a", vec![None], 1);
-        c.add(&x, &[i128::MAX - 1], at(1), 1).unwrap();
+        c.add(&x, &[MAX_SHARE - 1], at(1), 1).unwrap();
         let before = c.clone();
         assert!(c.add(&x, &[2], at(2), 1).is_err());
         assert_eq!(c, before, "nothing changed");

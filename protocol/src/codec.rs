@@ -109,6 +109,26 @@ pub fn decode_stored<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError>
     }
 }
 
+/// The size of `value`'s payload (no version byte), for budgets.
+pub fn encoded_len<T: Serialize>(value: &T) -> Result<usize, CodecError> {
+    encode_payload(value).map(|p| p.len())
+}
+
+/// Most bytes a varint length prefix of a string takes.
+const MAX_LEN_PREFIX: usize = 9;
+
+/// An upper bound of the encoded size of a `WireItem` whose item is stored
+/// as `stored_len` bytes (version byte included) under `category`/`key`:
+/// the sender's batch budget without encoding the item again.
+pub fn wire_item_len_bound(category: &str, key: &str, stored_len: usize) -> usize {
+    category.len() + key.len() + 2 * MAX_LEN_PREFIX + stored_len
+}
+
+/// Bytes of a `Batch` frame besides its items and watermarks (frame header,
+/// variant tag, `after`, `last_seq`, `upto_hlc`, two sequence lengths), as an
+/// upper bound: what a sender reserves from `max_frame_bytes`.
+pub const BATCH_OVERHEAD_BYTES: usize = 64;
+
 /// Encodes a frame: length prefix, version byte, payload. Fails if the frame
 /// would be over `max_frame_bytes` (so a sender never emits what its peer
 /// must refuse).

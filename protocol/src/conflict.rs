@@ -194,6 +194,7 @@ mod tests {
         };
         Policy {
             limits: crate::policy::Limits::default(),
+            privacy: Default::default(),
             categories: BTreeMap::from([
                 ("billing".to_string(), cat(Kind::Log, Replicate::Up)),
                 ("customer".to_string(), cat(Kind::Record, Replicate::Up)),

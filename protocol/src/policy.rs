@@ -156,7 +156,9 @@ impl Measure {
     }
 }
 
-fn check_field_name(s: &str) -> Result<(), String> {
+/// Whether `s` is a valid field name (1 to 128 bytes, no control
+/// characters, no parentheses).
+pub fn check_field_name(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > 128 || s.chars().any(|c| c.is_control() || c == '(' || c == ')') {
         return Err(format!("{s:?} is not a field name"));
     }
@@ -194,6 +196,30 @@ impl Default for Limits {
     }
 }
 
+/// What aggregates over private categories may reveal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Privacy {
+    /// Fewest items of a group a node publishes (k-anonymity): under it, a
+    /// node's share of the group leaves the node as zeros, so a group of one
+    /// opportunity never reveals its amount. Default 5.
+    pub min_group_size: u64,
+    /// Fields allowed as dimensions (`group_by`) of aggregates over private
+    /// (`local`) categories, besides `origin` and time buckets
+    /// (`day(F)`/`month(F)`/`year(F)`): low-cardinality fields such as a
+    /// sales stage. A category's customer link field is never allowed.
+    pub dimensions: Vec<String>,
+}
+
+impl Default for Privacy {
+    fn default() -> Self {
+        Self {
+            min_group_size: 5,
+            dimensions: Vec::new(),
+        }
+    }
+}
+
 /// The shared policy file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -201,6 +227,9 @@ pub struct Policy {
     /// Limits (all optional, with defaults).
     #[serde(default)]
     pub limits: Limits,
+    /// What aggregates over private categories may reveal.
+    #[serde(default)]
+    pub privacy: Privacy,
     /// Categories by name.
     pub categories: BTreeMap<String, Category>,
     /// Aggregates by name.
@@ -275,6 +304,9 @@ impl Policy {
                 return Err(invalid(key, "must be above 0"));
             }
         }
+        if self.privacy.min_group_size == 0 {
+            return Err(invalid("privacy.min_group_size", "must be above 0"));
+        }
         if self.categories.is_empty() {
             return Err(invalid("categories", "at least one category is required"));
         }
@@ -324,6 +356,73 @@ impl Policy {
             }
             for (i, m) in agg.measures.iter().enumerate() {
                 Measure::parse(m).map_err(|r| invalid(format!("{}[{i}]", at("measures")), r))?;
+            }
+            self.check_private_dimensions(name, agg)?;
+        }
+        Ok(())
+    }
+
+    /// An aggregate over a private category groups only by `origin`, time
+    /// buckets and the fields `[privacy] dimensions` allows, never by the
+    /// category's customer link: a policy edit cannot turn a private
+    /// aggregate into a per-customer (or per-opportunity) export.
+    fn check_private_dimensions(&self, name: &str, agg: &AggregateDef) -> Result<(), PolicyError> {
+        let Some(source) = self.categories.get(&agg.source) else {
+            return Ok(());
+        };
+        if source.replicate != Replicate::Local {
+            return Ok(());
+        }
+        if !agg
+            .measures
+            .iter()
+            .any(|m| Measure::parse(m) == Ok(Measure::Count))
+        {
+            return Err(invalid(
+                format!("aggregates.{name}.measures"),
+                "an aggregate over a private category needs a \"count\" measure: privacy.min_group_size is judged on it",
+            ));
+        }
+        let link = match &source.customer_link {
+            Some(CustomerLink::Field(f)) => Some(f.as_str()),
+            _ => None,
+        };
+        for (i, d) in agg.group_by.iter().enumerate() {
+            let key = format!("aggregates.{name}.group_by[{i}]");
+            let field = match Dimension::parse(d) {
+                Ok(Dimension::Origin) => continue,
+                Ok(Dimension::Bucket(_, f)) => {
+                    if Some(f.as_str()) == link {
+                        return Err(invalid(
+                            key,
+                            format!(
+                                "{d:?} buckets the customer link of private category {:?}",
+                                agg.source
+                            ),
+                        ));
+                    }
+                    continue;
+                }
+                Ok(Dimension::Field(f)) => f,
+                Err(r) => return Err(invalid(key, r)),
+            };
+            if Some(field.as_str()) == link {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{field:?} is the customer link of private category {:?}: it can never group a private aggregate",
+                        agg.source
+                    ),
+                ));
+            }
+            if !self.privacy.dimensions.contains(&field) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{field:?} is not in privacy.dimensions: an aggregate over private category {:?} groups only by origin, time buckets and the fields listed there",
+                        agg.source
+                    ),
+                ));
             }
         }
         Ok(())
@@ -418,9 +517,64 @@ mod tests {
         );
         Policy {
             limits: Limits::default(),
+            privacy: Privacy::default(),
             categories,
             aggregates: BTreeMap::new(),
         }
+    }
+
+    /// Case 6 of issue 15: only allowed dimensions group a private
+    /// aggregate; the customer link never does.
+    #[test]
+    fn private_aggregates_group_only_by_allowed_dimensions() {
+        let mut p = policy();
+        p.categories.insert(
+            "opportunity".into(),
+            Category {
+                kind: Kind::Record,
+                replicate: Replicate::Local,
+                customer_link: Some(CustomerLink::Field("customer_id".into())),
+                description: String::new(),
+            },
+        );
+        let with = |group_by: &[&str]| {
+            let mut p = p.clone();
+            p.aggregates.insert(
+                "opp".into(),
+                AggregateDef {
+                    source: "opportunity".into(),
+                    group_by: group_by.iter().map(|s| s.to_string()).collect(),
+                    measures: vec!["count".into()],
+                    description: String::new(),
+                },
+            );
+            p
+        };
+        assert_eq!(
+            with(&["origin", "month(expected_close)"]).validate(),
+            Ok(())
+        );
+        let err = with(&["origin", "stage"])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("aggregates.opp.group_by[1]:") && err.contains("privacy.dimensions"),
+            "{err}"
+        );
+        let mut allowed = with(&["origin", "stage"]);
+        allowed.privacy.dimensions = vec!["stage".into(), "customer_id".into()];
+        assert_eq!(allowed.validate(), Ok(()));
+        for by in ["customer_id", "year(customer_id)"] {
+            let mut p = with(&[by]);
+            p.privacy = allowed.privacy.clone();
+            let err = p.validate().unwrap_err().to_string();
+            assert!(err.contains("customer link"), "{by}: {err}");
+        }
+        // A shared category's aggregate is not restricted.
+        let mut shared = with(&["stage"]);
+        shared.categories.get_mut("opportunity").unwrap().replicate = Replicate::Up;
+        assert_eq!(shared.validate(), Ok(()));
     }
 
     #[test]

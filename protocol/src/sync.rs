@@ -18,7 +18,7 @@ use crate::clock::Hlc;
 use crate::frame::{Frame, PROTOCOL_VERSION, RefuseReason, Watermark, WireItem};
 use crate::id::{NodeId, Tier};
 use crate::item::Item;
-use crate::policy::{Kind, Policy, Replicate};
+use crate::policy::{Dimension, Kind, Policy, Replicate};
 
 /// A key in the child's data: `(category, key)`.
 pub type ItemKey = (String, String);
@@ -605,6 +605,12 @@ pub struct DownlinkConfig {
     pub policy_digest: [u8; 32],
     /// The children its config lists.
     pub children: BTreeSet<NodeId>,
+    /// Who may appear below each child, from this node's configuration
+    /// (`[subtree]`): a child's Hello may claim only those, and a child
+    /// listed here relays (its tier is above a city's) while one not listed
+    /// is a city. `None` (no `[subtree]` configured): the claims of the
+    /// Hello are trusted, first come first served.
+    pub subtrees: Option<std::collections::BTreeMap<NodeId, BTreeSet<NodeId>>>,
 }
 
 /// What the parent's driver must do.
@@ -680,6 +686,8 @@ enum Pending {
 pub struct Downlink {
     cfg: DownlinkConfig,
     peer: NodeId,
+    /// The tier the peer's certificate names, if it names one.
+    peer_tier: Option<Tier>,
     child_tier: Tier,
     allowed_origins: BTreeSet<NodeId>,
     /// What this parent durably holds of the child's changelog, as far as
@@ -697,6 +705,7 @@ impl Downlink {
         Self {
             cfg,
             peer,
+            peer_tier: None,
             child_tier: Tier::City,
             allowed_origins: BTreeSet::new(),
             cursor: 0,
@@ -704,6 +713,13 @@ impl Downlink {
             state: DownState::AwaitHello,
             events: VecDeque::new(),
         }
+    }
+
+    /// The tier the peer's certificate names (its `tier.<tier>.tiersync`
+    /// SAN): the Hello must claim that tier.
+    pub fn with_peer_tier(mut self, tier: Option<Tier>) -> Self {
+        self.peer_tier = tier;
+        self
     }
 
     /// The next thing the driver must do.
@@ -719,6 +735,12 @@ impl Downlink {
     /// Whether the link is closed.
     pub fn is_closed(&self) -> bool {
         self.state == DownState::Closed
+    }
+
+    /// Whether the child's Hello was read (accepted or not): until then
+    /// the driver reads only a Hello-sized frame.
+    pub fn is_greeted(&self) -> bool {
+        self.state != DownState::AwaitHello
     }
 
     /// Refuses the child and closes the link.
@@ -876,6 +898,38 @@ impl Downlink {
             let why = format!("{node} is a {tier}, not below this {} node", self.cfg.tier);
             return self.refuse(RefuseReason::TierNotBelow, why);
         }
+        // The tier comes from the certificate, or from this node's
+        // configuration: never from the Hello alone.
+        if let Some(cert_tier) = self.peer_tier
+            && cert_tier != tier
+        {
+            let why = format!("Hello claims tier {tier} but the certificate is for a {cert_tier}");
+            return self.refuse(RefuseReason::IdMismatch, why);
+        }
+        let configured = self.cfg.subtrees.as_ref().map(|s| s.get(&node));
+        if let Some(below) = configured {
+            let relays = below.is_some();
+            if self.peer_tier.is_none() && relays != (tier != Tier::City) {
+                let why = match relays {
+                    true => format!(
+                        "{node} is configured here with a subtree, so it is not a city; its Hello says {tier}"
+                    ),
+                    false => format!(
+                        "{node} is configured here as a city (no [subtree] entry); its Hello says {tier}"
+                    ),
+                };
+                return self.refuse(RefuseReason::TierNotBelow, why);
+            }
+            if let Some(n) = subtree
+                .iter()
+                .find(|n| !below.is_some_and(|b| b.contains(*n)))
+            {
+                let why = format!(
+                    "{node} claims {n} in its subtree, which this node's configuration does not place below it"
+                );
+                return self.refuse(RefuseReason::Violation, why);
+            }
+        }
         if digest != self.cfg.policy_digest {
             let why = format!(
                 "policy digest {} differs from this node's {}",
@@ -1032,6 +1086,7 @@ pub fn validate_item(
     w: &WireItem,
 ) -> Result<(), String> {
     let at = || format!("{}/{}", w.category, w.key);
+    check_limits(policy, w).map_err(|e| format!("{}: {e}", at()))?;
     if w.category == crate::aggregate::COUNTERS_CATEGORY {
         return validate_counters(policy, now_ms, origin_allowed, w);
     }
@@ -1068,7 +1123,144 @@ pub fn validate_item(
     {
         return Err(format!("{}: record state is not canonical", at()));
     }
+    // What it adds to an aggregate is within range (a value beyond
+    // `MAX_SUMMED` would otherwise stop this node's merges, or be clamped).
+    for agg in crate::aggregate::Compiled::all(policy)
+        .iter()
+        .filter(|a| a.source == w.category)
+    {
+        agg.contribution(&w.item)
+            .map_err(|e| format!("{}: {e}", at()))?;
+    }
     check_stamps(policy, now_ms, origin_allowed, w)
+}
+
+/// The most bytes one received item may take encoded, whatever wrote it:
+/// half a frame, so that the sender can always ship it alone with the
+/// watermarks of its range (`Policy::validate` keeps `max_item_bytes` at or
+/// below it).
+pub fn max_wire_item_bytes(policy: &Policy) -> usize {
+    policy.limits.max_frame_bytes / 2
+}
+
+/// The size a value counts for against `max_item_bytes`: its text, or 8.
+fn value_bytes(v: &crate::value::Value) -> usize {
+    use crate::value::Value;
+    match v {
+        Value::Str(s) | Value::Json(s) => s.len(),
+        Value::Bool(_) | Value::Int(_) | Value::Float(_) => 8,
+    }
+}
+
+/// The policy's size limits on one received item, as its writers' own
+/// writes were held to them: each origin's visible fields at most
+/// `max_fields` and their names and values at most `max_item_bytes`; an item
+/// of one origin (a log entry, a record only one node wrote) at most
+/// `max_item_bytes` encoded, exactly as a local write is checked; a record
+/// several nodes wrote (their fields merge) and counters (one share per city)
+/// at most [`max_wire_item_bytes`]. Field names are checked as a local write
+/// checks them.
+pub fn check_limits(policy: &Policy, w: &WireItem) -> Result<(), String> {
+    let l = &policy.limits;
+    let encoded = crate::codec::encoded_len(&w.item).map_err(|e| e.to_string())? + 1;
+    let single_origin_max = if w.category == crate::conflict::CONFLICTS_CATEGORY {
+        // The loser's content plus its category and key.
+        l.max_item_bytes + l.max_key_bytes + 256
+    } else {
+        l.max_item_bytes
+    };
+    let fields_max = if w.category == crate::conflict::CONFLICTS_CATEGORY {
+        l.max_fields + 2
+    } else {
+        l.max_fields
+    };
+    let too_large = |size: usize, max: usize, what: &str| {
+        (size > max).then(|| {
+            format!("{what} is {size} bytes, over the policy's limit of {max} (max_item_bytes)")
+        })
+    };
+    let names = |fields: &mut dyn Iterator<Item = &String>| -> Result<(), String> {
+        let names: Vec<&String> = fields.collect();
+        if names.len() > fields_max {
+            return Err(format!(
+                "{} fields, over the policy's limit of {fields_max} (max_fields)",
+                names.len()
+            ));
+        }
+        policy
+            .check_fields(names.into_iter())
+            .map_err(|e| e.to_string())
+    };
+    match &w.item {
+        // A ledger entry's content names its category and key in fields
+        // that no document may use; `conflict::validate` checks them.
+        Item::Log(e) if w.category == crate::conflict::CONFLICTS_CATEGORY => {
+            if e.fields.len() > fields_max {
+                return Err(format!(
+                    "{} fields, over the policy's limit of {fields_max} (max_fields)",
+                    e.fields.len()
+                ));
+            }
+            if let Some(why) = too_large(encoded, single_origin_max, "the entry") {
+                return Err(why);
+            }
+        }
+        Item::Log(e) => {
+            names(&mut e.fields.keys())?;
+            if let Some(why) = too_large(encoded, single_origin_max, "the entry") {
+                return Err(why);
+            }
+        }
+        Item::Record(r) => {
+            let mut by_origin: std::collections::BTreeMap<&NodeId, (usize, usize)> =
+                std::collections::BTreeMap::new();
+            for (name, value, stamp) in r.fields() {
+                crate::policy::check_field_name(name)?;
+                let slot = by_origin.entry(&stamp.origin).or_default();
+                if let Some(v) = value {
+                    let size = name.len() + value_bytes(v);
+                    if let Some(why) = too_large(size, l.max_item_bytes, &format!("field {name:?}"))
+                    {
+                        return Err(why);
+                    }
+                    slot.0 += 1;
+                    slot.1 += size;
+                }
+            }
+            for (origin, (fields, bytes)) in &by_origin {
+                if *fields > l.max_fields {
+                    return Err(format!(
+                        "{fields} fields written by {origin}, over the policy's limit of {} (max_fields)",
+                        l.max_fields
+                    ));
+                }
+                if let Some(why) =
+                    too_large(*bytes, l.max_item_bytes, &format!("what {origin} wrote"))
+                {
+                    return Err(why);
+                }
+            }
+            let max = if r.stamps().map(|s| &s.origin).collect::<BTreeSet<_>>().len() <= 1 {
+                single_origin_max
+            } else {
+                max_wire_item_bytes(policy)
+            };
+            if let Some(why) = too_large(encoded, max, "the record") {
+                return Err(why);
+            }
+        }
+        Item::Counters(c) => {
+            for g in c.group.iter().flatten() {
+                if let Some(why) = too_large(g.len(), l.max_item_bytes, "a group value") {
+                    return Err(why);
+                }
+            }
+            if let Some(why) = too_large(encoded, max_wire_item_bytes(policy), "the counters") {
+                return Err(why);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Every stamp's origin is allowed and not beyond `now_ms` plus the maximum
@@ -1130,9 +1322,34 @@ fn validate_counters(
         || !c.well_formed()
     {
         return Err(format!(
-            "{at}: counters do not fit the definition of {}",
-            c.aggregate
+            "{at}: counters do not fit the definition of {} (one value per measure, each within ±{})",
+            c.aggregate,
+            crate::aggregate::MAX_SHARE
         ));
+    }
+    // A small group publishes nothing (privacy.min_group_size).
+    if let Some(count_at) = compiled.count_index()
+        && !c.all_public(count_at, policy.privacy.min_group_size)
+    {
+        return Err(format!(
+            "{at}: a share counts fewer than privacy.min_group_size ({}) items",
+            policy.privacy.min_group_size
+        ));
+    }
+    // A city counts only its own opportunities: in a group by origin, the
+    // one share is the origin's.
+    if let Some(i) = compiled.dims.iter().position(|d| *d == Dimension::Origin) {
+        let origin = c.group.get(i).cloned().flatten();
+        if let Some(bad) = c
+            .actors()
+            .into_iter()
+            .find(|a| origin.as_deref() != Some(a.as_str()))
+        {
+            return Err(format!(
+                "{at}: counter share of {bad} in a group of origin {}",
+                origin.as_deref().unwrap_or("(none)")
+            ));
+        }
     }
     if w.key != compiled.counters_key(&c.group) {
         return Err(format!("{at}: key does not match the counters' group"));

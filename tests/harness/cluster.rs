@@ -576,6 +576,20 @@ impl Cluster {
         self.set_config_value(city, "parent", "id", &format!("\"{to}\""));
         let addr = self.peer_addr(to);
         self.set_parent_addr(city, addr);
+        // The provinces' parent places the city below its new province
+        // (`[subtree]`), and re-reads that now if it runs.
+        let grandparent = self
+            .deployment
+            .nodes
+            .iter()
+            .find(|n| n.id.as_str() == from)
+            .and_then(|n| n.parent.clone());
+        if let Some(top) = grandparent {
+            self.move_in_subtree(top.as_str(), city, from, to);
+            if self.is_running(top.as_str()) {
+                self.reload(top.as_str());
+            }
+        }
         if let Some(n) = self
             .deployment
             .nodes
@@ -584,6 +598,49 @@ impl Cluster {
         {
             n.parent = tiersync_protocol::NodeId::new(to).ok();
         }
+    }
+
+    /// In node `id`'s `[subtree]`, moves `node` from below `from` to below
+    /// `to` (nothing if it has no such table).
+    pub fn move_in_subtree(&self, id: &str, node: &str, from: &str, to: &str) {
+        let path = self.config(id);
+        let text = std::fs::read_to_string(&path).expect("read node config");
+        let mut inside = false;
+        let out: Vec<String> = text
+            .lines()
+            .map(|line| {
+                if line.starts_with('[') {
+                    inside = line == "[subtree]";
+                }
+                let Some((key, list)) = line.split_once(" = ").filter(|_| inside) else {
+                    return line.to_string();
+                };
+                let mut names: Vec<String> = serde_json::from_str(list).expect("a node list");
+                names.retain(|n| n != node);
+                if key == format!("{to:?}") {
+                    names.push(node.to_string());
+                } else if key != format!("{from:?}") {
+                    return line.to_string();
+                }
+                format!("{key} = {}", serde_json::to_string(&names).expect("names"))
+            })
+            .collect();
+        std::fs::write(&path, out.join("\n") + "\n").expect("write node config");
+    }
+
+    /// Makes running node `id` re-read its node file (SIGHUP) and waits
+    /// until it did; panics if it refused the new file.
+    pub fn reload(&self, id: &str) {
+        let reloads = |c: &Self| c.get(id, "/v1/status").body["config"]["reloads"].as_u64();
+        let before = reloads(self).unwrap_or(0);
+        let pid = self.pid(id).expect("a running node");
+        tiersync::process::signal(pid, tiersync::process::SIGHUP).expect("SIGHUP");
+        let done = wait_for(Duration::from_secs(30), || {
+            reloads(self).filter(|&n| n > before).map(|_| ())
+        });
+        assert!(done.is_some(), "{id} did not reload");
+        let last = &self.get(id, "/v1/status").body["config"]["last"];
+        assert_eq!(last["ok"], true, "{id} refused its new file: {last}");
     }
 
     /// Points node `id`'s uplink at `addr` (e.g. a fault proxy), as an
@@ -739,6 +796,7 @@ impl Cluster {
         use tiersync_protocol::policy::Replicate;
         self.stop_all();
         let policy = crate::example_policy();
+        let aggs = tiersync_protocol::aggregate::Compiled::all(&policy);
         let stores: BTreeMap<String, Items> = self
             .deployment
             .nodes
@@ -755,6 +813,15 @@ impl Cluster {
                     if !policy.replicates_up(&k.0) {
                         continue;
                     }
+                    // A city's counters travel as published: its share of a
+                    // group under privacy.min_group_size as zeros.
+                    let published = tiersync_protocol::aggregate::shipped(
+                        &aggs,
+                        &policy,
+                        &tiersync_protocol::NodeId::new(city.as_str()).expect("a node id"),
+                        item.clone(),
+                    );
+                    let item = &published;
                     want.entry(k.clone())
                         .and_modify(|m| {
                             m.merge(item);

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tiersync_protocol::NodeId;
@@ -258,7 +258,18 @@ pub async fn query(
             })
             .collect();
         let acc = grouped.entry(key).or_insert_with(|| vec![0; values.len()]);
-        acc.iter_mut().zip(&values).for_each(|(a, b)| *a += b);
+        for (a, b) in acc.iter_mut().zip(&values) {
+            *a = a.checked_add(*b).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "aggregate_overflow",
+                    format!(
+                        "aggregate {}: a total of this query would overflow",
+                        agg.name
+                    ),
+                )
+            })?;
+        }
     }
     let group_by: Vec<String> = keep
         .iter()

@@ -26,7 +26,7 @@ pub enum CertsCommand {
         /// Directory holding ca.pem and ca.key.
         #[arg(long)]
         dir: PathBuf,
-        /// Validity in days (capped at the CA's own expiry).
+        /// Validity in days, at most 397 (capped at the CA's own expiry).
         #[arg(long, default_value_t = certs::DEFAULT_NODE_VALIDITY_DAYS)]
         days: u32,
         /// Also name this tier in the certificates (`tier.<tier>.tiersync`).
@@ -41,6 +41,58 @@ pub enum CertsCommand {
         #[arg(long = "api-host", value_name = "HOST", value_parser = parse_api_host)]
         api_hosts: Vec<String>,
         /// Node ids to issue certificates for.
+        #[arg(required = true, value_parser = parse_node_id)]
+        ids: Vec<NodeId>,
+    },
+    /// On a node: make its private key DIR/<id>.key (mode 0600; an existing
+    /// one is kept unless --new-key) and a signing request DIR/<id>.csr,
+    /// also printed on stdout. Only the request goes to the CA; the key
+    /// never leaves the node.
+    Request {
+        /// The node's certificate directory (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Replace an existing key (after a compromise; revoke the old
+        /// certificate too).
+        #[arg(long)]
+        new_key: bool,
+        /// The node's id.
+        #[arg(value_parser = parse_node_id)]
+        id: NodeId,
+    },
+    /// At the CA: sign a node's request (from `certs request`) into
+    /// DIR/<id>.pem; send that file (not secret) back to the node, then
+    /// `tiersync reload` there. Also the renewal command.
+    Sign {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node's signing request.
+        #[arg(long)]
+        csr: PathBuf,
+        /// Validity in days, at most 397 (capped at the CA's own expiry).
+        #[arg(long, default_value_t = certs::DEFAULT_NODE_VALIDITY_DAYS)]
+        days: u32,
+        /// Also name this tier in the certificate (`tier.<tier>.tiersync`).
+        #[arg(long, value_parser = parse_tier)]
+        tier: Option<Tier>,
+        /// A host name (with a dot) or IP address clients reach the node's
+        /// HTTPS API by; repeatable.
+        #[arg(long = "api-host", value_name = "HOST", value_parser = parse_api_host)]
+        api_hosts: Vec<String>,
+        /// The node id the request must name.
+        #[arg(value_parser = parse_node_id)]
+        id: NodeId,
+    },
+    /// Revoke a node's certificate (DIR/<id>.pem): adds it to DIR/crl.pem,
+    /// signed by the CA in DIR. Copy crl.pem to every node (the file its
+    /// `[tls] crl` names) and run `tiersync reload` there: the node is
+    /// refused from then on and its live links are closed.
+    Revoke {
+        /// Directory holding ca.pem, ca.key and the node's certificate.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node ids whose certificates to revoke.
         #[arg(required = true, value_parser = parse_node_id)]
         ids: Vec<NodeId>,
     },
@@ -127,6 +179,44 @@ pub(super) fn certs_command(command: CertsCommand) -> Result<()> {
                     files.cert.display(),
                     files.key.display(),
                     crate::preflight::format_time(info.not_after)
+                );
+            }
+        }
+        CertsCommand::Request { dir, new_key, id } => {
+            let files = certs::request(&dir, &id, new_key)?;
+            // The request on stdout (`… > node.csr`, or a container's log),
+            // what was done on stderr.
+            let csr = std::fs::read_to_string(&files.csr)
+                .with_context(|| format!("{}: cannot read", files.csr.display()))?;
+            print_out(&csr)?;
+            eprintln!(
+                "{id}: key {} (mode 0600, it stays on this host); request {} (printed above) goes to the CA: `tiersync certs sign --csr FILE {id}`",
+                files.key.display(),
+                files.csr.display()
+            );
+        }
+        CertsCommand::Sign {
+            dir,
+            csr,
+            days,
+            tier,
+            api_hosts,
+            id,
+        } => {
+            let cert = certs::sign(&dir, &csr, &id, tier, days, &api_hosts)?;
+            let info = certs::inspect(&cert)?;
+            println!(
+                "{id}: wrote {} (valid until {}); install it as the node's [tls] cert, then `tiersync reload` there",
+                cert.display(),
+                crate::preflight::format_time(info.not_after)
+            );
+        }
+        CertsCommand::Revoke { dir, ids } => {
+            for id in &ids {
+                let crl = certs::revoke(&dir, id)?;
+                println!(
+                    "{id}: certificate revoked in {}; copy it to every node and run `tiersync reload` there",
+                    crl.display()
                 );
             }
         }
@@ -297,6 +387,7 @@ fn certs_list(dir: &std::path::Path, json: bool) -> Result<()> {
         .with_context(|| format!("{}: cannot list", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "pem"))
+        .filter(|p| p.file_name().is_none_or(|n| n != certs::CRL_FILE))
         .collect();
     files.sort();
     let now = crate::preflight::now_secs();

@@ -7,6 +7,7 @@
 
 mod client_cmd;
 mod conflicts;
+mod counters;
 mod deploy;
 mod import;
 mod output;
@@ -82,6 +83,12 @@ pub enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Private aggregates' counters of this node (offline).
+    Counters {
+        /// What to do.
+        #[command(subcommand)]
+        command: counters::CountersCommand,
+    },
     /// Run a whole deployment on this machine with synthetic CRM data.
     Demo(crate::demo::DemoArgs),
     /// Client commands against a running node's HTTP API.
@@ -152,6 +159,7 @@ pub fn main(cli: Cli) -> Result<()> {
         } => deploy::check(&files),
         Command::Topology { files, json } => deploy::topology(&files, json),
         Command::Certs { command } => deploy::certs_command(command),
+        Command::Counters { command } => counters::run(command),
         Command::Demo(args) => {
             if crate::demo::run(&args)? {
                 Ok(())

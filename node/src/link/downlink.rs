@@ -22,6 +22,10 @@ use crate::store::{RemoteMerge, Store};
 /// Which child relays for which node of the subtree (learned from Hellos).
 pub type Claims = Arc<Mutex<BTreeMap<NodeId, NodeId>>>;
 
+/// Who may appear below each child, from the configuration (`None`: not
+/// configured, the Hellos' claims are trusted).
+pub type Subtrees = Option<BTreeMap<NodeId, BTreeSet<NodeId>>>;
+
 /// Most connections being set up at once; more are refused at once, so a
 /// flood of connection attempts cannot exhaust the parent.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
@@ -29,6 +33,58 @@ pub const MAX_PENDING_HANDSHAKES: usize = 64;
 /// Most connections being set up at once from one IP address, so that a
 /// flood from one address cannot take every slot from the real children.
 pub const MAX_PENDING_PER_ADDRESS: usize = 8;
+
+/// Most live connections of one node identity (one certificate): a child
+/// has one link, and a second covers a reconnect that overlaps the old
+/// connection's teardown. With frames read a chunk at a time, one identity
+/// can make this node buffer at most this many frames.
+pub const MAX_LINKS_PER_IDENTITY: usize = 2;
+
+/// Largest first frame (the Hello) a parent reads: a Hello carries the
+/// child's subtree (at most about 900 node ids of the longest length), not
+/// data, so a peer cannot make the parent buffer a whole data frame before
+/// it said who it is.
+pub const HELLO_MAX_BYTES: usize = 64 * 1024;
+
+/// How long a connected peer has to open its stream and send its Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Live connections per authenticated node identity.
+type LinksByIdentity = Arc<Mutex<HashMap<NodeId, usize>>>;
+
+/// One live connection of an identity, released when dropped.
+struct IdentitySlot {
+    links: LinksByIdentity,
+    id: NodeId,
+}
+
+impl IdentitySlot {
+    /// Takes a slot of `id`, or `None` when it has all of its slots.
+    fn take(links: &LinksByIdentity, id: &NodeId) -> Option<Self> {
+        let mut map = links.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(id.clone()).or_default();
+        if *n >= MAX_LINKS_PER_IDENTITY {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            links: links.clone(),
+            id: id.clone(),
+        })
+    }
+}
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        let mut map = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.id);
+            }
+        }
+    }
+}
 
 /// Lets a repeated warning through at most once per interval and counts
 /// what it held back, so a flood of refused handshakes cannot flood the log.
@@ -121,10 +177,15 @@ pub struct DownlinkCtx {
     pub tier: Tier,
     /// Configured children (a reload may swap the set).
     pub children: Arc<arc_swap::ArcSwap<BTreeSet<NodeId>>>,
+    /// Who may appear below each child (`[subtree]`; a reload may swap it).
+    pub subtrees: Arc<arc_swap::ArcSwap<Subtrees>>,
     /// Subtree claims of connected children.
     pub claims: Claims,
     /// Shared status.
     pub status: Arc<LinkStatus>,
+    /// Serial numbers of revoked certificates; a change closes the live
+    /// links of the children they name.
+    pub revoked: watch::Receiver<Arc<crate::tls::RevokedSerials>>,
 }
 
 /// Accepts children until `shutdown` turns true.
@@ -135,6 +196,7 @@ pub async fn serve(
 ) {
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     let by_address = PendingByAddress::default();
+    let by_identity = LinksByIdentity::default();
     let refusal_log = Arc::new(Throttle::new(1000));
     loop {
         let incoming = tokio::select! {
@@ -156,6 +218,7 @@ pub async fn serve(
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         let refusal_log = refusal_log.clone();
+        let by_identity = by_identity.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
@@ -183,7 +246,7 @@ pub async fn serve(
                 }
             };
             drop((permit, slot));
-            let peer = match crate::tls::peer_node_id(&conn) {
+            let peer = match crate::tls::peer_cert(&conn) {
                 Ok(p) => p,
                 Err(e) => {
                     warn!(%remote, error = %e, "refusing a peer without a usable node id in its certificate");
@@ -191,7 +254,16 @@ pub async fn serve(
                     return;
                 }
             };
-            let span = info_span!("downlink", node = %ctx.node, child = %peer, %remote);
+            let Some(_slot) = IdentitySlot::take(&by_identity, &peer.id) else {
+                metrics::counter!("tiersync_link_refused_total", "reason" => "identity_overload")
+                    .increment(1);
+                if let Some(held_back) = refusal_log.pass(crate::now_ms()) {
+                    warn!(%remote, peer = %peer.id, held_back, "refused a connection: this node identity already has {MAX_LINKS_PER_IDENTITY} links");
+                }
+                conn.close(5u32.into(), b"too many connections for this node identity");
+                return;
+            };
+            let span = info_span!("downlink", node = %ctx.node, child = %peer.id, %remote);
             handle(ctx, conn, peer, shutdown).instrument(span).await;
         });
     }
@@ -201,13 +273,14 @@ pub async fn serve(
 async fn handle(
     ctx: DownlinkCtx,
     conn: quinn::Connection,
-    peer: NodeId,
+    cert: crate::tls::PeerCert,
     shutdown: watch::Receiver<bool>,
 ) {
+    let peer = cert.id.clone();
     let id = peer.to_string();
     ctx.status.child(&id, |s| s.connected = true);
     metrics::gauge!("tiersync_link_up", "link" => "child", "peer" => id.clone()).set(1.0);
-    let result = drive(&ctx, &conn, peer.clone(), shutdown).await;
+    let result = drive(&ctx, &conn, cert, shutdown).await;
     // Only connected children's claims count: a child that went away (or
     // lost a city to another province) must not block the new relay.
     if let Ok(mut map) = ctx.claims.lock() {
@@ -232,31 +305,70 @@ async fn handle(
 async fn drive(
     ctx: &DownlinkCtx,
     conn: &quinn::Connection,
-    peer: NodeId,
+    cert: crate::tls::PeerCert,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
+    let peer = cert.id.clone();
+    // The stream and the Hello within HELLO_TIMEOUT, the Hello within
+    // HELLO_MAX_BYTES: before it said who it is, a peer holds little.
+    let hello_by = tokio::time::Instant::now() + HELLO_TIMEOUT;
     let (mut send, mut recv) = tokio::select! {
         s = conn.accept_bi() => s?,
-        _ = tokio::time::sleep(Duration::from_secs(10)) => return Err(LinkError::Closed("no stream opened within 10 s".into())),
+        _ = tokio::time::sleep_until(hello_by) => {
+            metrics::counter!("tiersync_link_refused_total", "reason" => "hello_timeout").increment(1);
+            conn.close(3u32.into(), b"no Hello in time");
+            return Err(LinkError::Closed(format!("no stream opened within {HELLO_TIMEOUT:?}")));
+        }
     };
     let cfg = DownlinkConfig {
         node: ctx.node.clone(),
         tier: ctx.tier,
         policy_digest: ctx.policy.digest(),
         children: ctx.children.load().as_ref().clone(),
+        subtrees: ctx.subtrees.load().as_ref().clone(),
     };
-    let mut session = Downlink::new(cfg, peer.clone());
+    let mut session = Downlink::new(cfg, peer.clone()).with_peer_tier(cert.tier);
     let max = ctx.policy.limits.max_frame_bytes;
+    let serial = cert.serial;
+    let mut revoked = ctx.revoked.clone();
     let mut incarnation = 0u64;
     let id = peer.to_string();
     loop {
         // Reading is the only await in the loop that a shutdown may cut:
         // a merge in progress completes and is acknowledged first.
-        let frame = tokio::select! {
-            f = read_frame(&mut recv, max) => f,
-            _ = shutdown.changed() => {
-                conn.close(0u32.into(), b"shutdown");
-                return Ok(());
+        let greeted = session.is_greeted();
+        let limit = if greeted {
+            max
+        } else {
+            HELLO_MAX_BYTES.min(max)
+        };
+        let deadline = if greeted { None } else { Some(hello_by) };
+        // Only a revocation that concerns another child lets the read go
+        // on: the read itself is never cut, or the stream would lose bytes.
+        let read = read_frame(&mut recv, limit);
+        tokio::pin!(read);
+        let frame = loop {
+            tokio::select! {
+                f = &mut read => break f,
+                _ = sleep_until_some(deadline) => {
+                    metrics::counter!("tiersync_link_refused_total", "reason" => "hello_timeout").increment(1);
+                    conn.close(3u32.into(), b"no Hello in time");
+                    return Err(LinkError::Closed(format!("no Hello within {HELLO_TIMEOUT:?}")));
+                }
+                _ = shutdown.changed() => {
+                    conn.close(0u32.into(), b"shutdown");
+                    return Ok(());
+                }
+                Ok(()) = revoked.changed() => {
+                    let now_revoked = revoked.borrow_and_update().contains(&serial);
+                    if now_revoked {
+                        metrics::counter!("tiersync_link_refused_total", "reason" => "revoked").increment(1);
+                        conn.close(6u32.into(), b"certificate revoked");
+                        return Err(LinkError::Closed(
+                            "the child's certificate was revoked: link closed".into(),
+                        ));
+                    }
+                }
             }
         };
         let (frame, bytes) = match frame {
@@ -372,6 +484,14 @@ async fn drive(
     }
 }
 
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Records `child`'s subtree claims; returns a node another child already
 /// relays for, if any.
 fn claim(claims: &Claims, child: &NodeId, subtree: &[NodeId]) -> Option<(NodeId, NodeId)> {
@@ -420,5 +540,24 @@ mod tests {
         drop(held);
         drop(other);
         assert!(pending.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_identity_gets_at_most_its_links() {
+        let links = LinksByIdentity::default();
+        let (a, b) = (
+            NodeId::new("hangzhou").unwrap(),
+            NodeId::new("ningbo").unwrap(),
+        );
+        let mut held: Vec<_> = (0..MAX_LINKS_PER_IDENTITY)
+            .map(|_| IdentitySlot::take(&links, &a).expect("a link within the cap"))
+            .collect();
+        assert!(IdentitySlot::take(&links, &a).is_none(), "beyond the cap");
+        let other = IdentitySlot::take(&links, &b).expect("another identity's link");
+        held.pop();
+        assert!(IdentitySlot::take(&links, &a).is_some());
+        drop(held);
+        drop(other);
+        assert!(links.lock().unwrap().is_empty());
     }
 }

@@ -69,9 +69,12 @@ pub async fn read_frame(
     // "incomplete"; anything else is an error.
     codec::check_frame(&header, max)?;
     let len = u32::from_be_bytes(header) as usize;
-    let mut buf = vec![0u8; 4 + len];
-    buf[..4].copy_from_slice(&header);
-    tokio::time::timeout(FRAME_BODY_TIMEOUT, recv.read_exact(&mut buf[4..]))
+    // The buffer grows with what arrives, never to the announced length at
+    // once: a peer that announces a large frame and stalls holds only what
+    // it actually sent (at most a chunk more).
+    let mut buf = Vec::with_capacity(4 + len.min(READ_CHUNK));
+    buf.extend_from_slice(&header);
+    tokio::time::timeout(FRAME_BODY_TIMEOUT, read_body(recv, &mut buf, 4 + len))
         .await
         .map_err(|_| LinkError::Stalled(FRAME_BODY_TIMEOUT))??;
     match codec::decode_frame::<Frame>(&buf, max)? {
@@ -80,6 +83,31 @@ pub async fn read_frame(
             "incomplete frame after a full read".into(),
         ))),
     }
+}
+
+/// How much of a frame's body is read (and allocated) at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Reads into `buf` until it holds `total` bytes, a chunk at a time.
+async fn read_body(
+    recv: &mut quinn::RecvStream,
+    buf: &mut Vec<u8>,
+    total: usize,
+) -> Result<(), LinkError> {
+    while buf.len() < total {
+        let start = buf.len();
+        buf.resize(start + (total - start).min(READ_CHUNK), 0);
+        match recv.read(&mut buf[start..]).await {
+            Ok(Some(n)) => buf.truncate(start + n),
+            Ok(None) => {
+                return Err(LinkError::Read(quinn::ReadExactError::FinishedEarly(
+                    start - 4,
+                )));
+            }
+            Err(e) => return Err(LinkError::Read(quinn::ReadExactError::ReadError(e))),
+        }
+    }
+    Ok(())
 }
 
 /// Writes one frame; returns its size in bytes.

@@ -24,7 +24,7 @@ use rocksdb::{
     WriteOptions,
 };
 use serde::{Deserialize, Serialize};
-use tiersync_protocol::aggregate::{COUNTERS_CATEGORY, Compiled, Counters, GroupKey};
+use tiersync_protocol::aggregate::{self, COUNTERS_CATEGORY, Compiled, Counters, GroupKey};
 use tiersync_protocol::codec::{self, CodecError};
 use tiersync_protocol::frame::{Watermark, WireItem};
 use tiersync_protocol::policy::Replicate;
@@ -953,6 +953,18 @@ impl Store {
                 }
             }
         };
+        // A PATCH adds to the document: the result is held to `max_fields`
+        // too, as a parent holds every received record to it.
+        if let Item::Record(r) = &item {
+            let fields = r.document().len();
+            if fields > self.policy.limits.max_fields {
+                return Err(PolicyError::BadDocument(format!(
+                    "the document would have {fields} fields, over the limit of {}",
+                    self.policy.limits.max_fields
+                ))
+                .into());
+            }
+        }
         let value = encode(CF_DATA, &item)?;
         let max = self.policy.limits.max_item_bytes;
         if value.len() > max {
@@ -1192,7 +1204,10 @@ impl Store {
             return Err(StoreError::Trimmed { after, retained });
         }
         let limits = &self.policy.limits;
-        let byte_budget = limits.max_frame_bytes / 2;
+        // Everything counted by (an upper bound of) its encoded size, items
+        // and watermarks alike: the frame never exceeds `max_frame_bytes`,
+        // and the first entry always fits (an item is at most half a frame).
+        let byte_budget = limits.max_frame_bytes - codec::BATCH_OVERHEAD_BYTES;
         let mut seen = std::collections::HashSet::new();
         let mut marks: BTreeMap<NodeId, Watermark> = BTreeMap::new();
         let mut items = Vec::new();
@@ -1217,11 +1232,13 @@ impl Store {
                             view.get_pinned_cf(self.cf(CF_DATA)?, data_key(&category, &key))?;
                         if let Some(raw) = raw {
                             // The stored encoding's size, without encoding again.
-                            let size = raw.len() + category.len() + key.len() + 16;
-                            if bytes + size > byte_budget && !items.is_empty() {
+                            let size = codec::wire_item_len_bound(&category, &key, raw.len());
+                            if bytes + size > byte_budget && last.0 > after {
                                 break;
                             }
                             let item: Item = decode(CF_DATA, &raw)?;
+                            let item =
+                                aggregate::shipped(&self.aggs, &self.policy, &self.node, item);
                             bytes += size;
                             seen.insert((category.clone(), key.clone()));
                             items.push(WireItem {
@@ -1233,6 +1250,13 @@ impl Store {
                     }
                 }
                 Change::Watermark(w) => {
+                    if !marks.contains_key(&w.origin) {
+                        let size = encode(CF_CHANGELOG, &w)?.len();
+                        if bytes + size > byte_budget && last.0 > after {
+                            break;
+                        }
+                        bytes += size;
+                    }
                     marks.insert(w.origin.clone(), w);
                 }
                 Change::Reincarnated { .. } => {}
@@ -1258,7 +1282,7 @@ impl Store {
             Some(_) => Vec::new(),
         };
         let limits = &self.policy.limits;
-        let byte_budget = limits.max_frame_bytes / 2;
+        let byte_budget = limits.max_frame_bytes - codec::BATCH_OVERHEAD_BYTES;
         let start = match after {
             Some((c, k)) => {
                 let mut key = data_key(c, k);
@@ -1281,8 +1305,9 @@ impl Store {
             if !up {
                 continue;
             }
+            let size = codec::wire_item_len_bound(category, key, v.len());
             if items.len() >= limits.max_batch_items
-                || (bytes + v.len() > byte_budget && !items.is_empty())
+                || (bytes + size > byte_budget && !items.is_empty())
             {
                 let next = items.last().map(|w| (w.category.clone(), w.key.clone()));
                 return Ok(SnapshotChunk {
@@ -1291,11 +1316,12 @@ impl Store {
                     watermarks,
                 });
             }
-            bytes += v.len();
+            bytes += size;
+            let item = decode(CF_DATA, &v)?;
             items.push(WireItem {
                 category: category.to_string(),
                 key: key.to_string(),
-                item: decode(CF_DATA, &v)?,
+                item: aggregate::shipped(&self.aggs, &self.policy, &self.node, item),
             });
         }
         Ok(SnapshotChunk {
@@ -1552,8 +1578,14 @@ impl Store {
             .enumerate()
             .filter(|(_, a)| a.source == category)
         {
-            let before = old.and_then(|o| agg.contribution(o));
-            let after = new.and_then(|n| agg.contribution(n));
+            // An item stored before summed values were bounded, with one
+            // beyond the bound, counts nothing (a rebuild skips it too); a
+            // new state beyond it is refused.
+            let before = old.and_then(|o| agg.contribution(o).ok().flatten());
+            let after = match new {
+                Some(n) => agg.contribution(n).map_err(StoreError::Overflow)?,
+                None => None,
+            };
             if before == after {
                 continue;
             }
@@ -1591,6 +1623,7 @@ impl Store {
                         .ok_or_else(|| {
                             StoreError::Overflow(tiersync_protocol::aggregate::Overflow {
                                 aggregate: agg.name.clone(),
+                                detail: "a total would overflow".into(),
                             })
                         })?;
                     pending.rows.insert(key, (i, row));
@@ -1715,12 +1748,33 @@ impl Store {
     /// Rebuilds every aggregate whose definition changed since it was last
     /// built (or that was never built), from the node's own data.
     fn rebuild_changed_aggregates(&self) -> Result<(), StoreError> {
+        self.rebuild_aggregates(false).map(|_| ())
+    }
+
+    /// Sets this node's share of every counter of its private aggregates
+    /// to what its own data adds up to, each with a fresh version (so the
+    /// new shares replace the old ones up the tree), whether it changed or
+    /// not (`tiersync counters reset`). Other nodes' shares stay. Returns
+    /// how many counters were written.
+    pub fn reset_counters(&self) -> Result<usize, StoreError> {
+        self.rebuild_aggregates(true)
+    }
+
+    /// With `reset_counters`, rebuilds this node's shares of every private
+    /// aggregate; otherwise every aggregate whose definition changed.
+    fn rebuild_aggregates(&self, reset_counters: bool) -> Result<usize, StoreError> {
+        let mut written = 0;
         for agg in &self.aggs {
             let meta_key = format!("agg/{}", agg.name);
             let built = self
                 .db
                 .get_pinned_cf(self.cf(CF_META)?, meta_key.as_bytes())?;
-            if built.as_deref() == Some(agg.digest.as_bytes()) {
+            let skip = if reset_counters {
+                !self.source_is_private(agg)
+            } else {
+                built.as_deref() == Some(agg.digest.as_bytes())
+            };
+            if skip {
                 continue;
             }
             let mut state = self.lock()?;
@@ -1751,11 +1805,23 @@ impl Store {
                 if private && !item.stamps().iter().any(|s| s.origin == self.node) {
                     continue;
                 }
-                if let Some((group, values)) = agg.contribution(&item) {
-                    let t = totals.entry(group).or_insert_with(|| vec![0; values.len()]);
-                    t.iter_mut()
-                        .zip(&values)
-                        .for_each(|(a, b)| *a = a.saturating_add(*b));
+                match agg.contribution(&item) {
+                    Ok(Some((group, values))) => {
+                        let t = totals.entry(group).or_insert_with(|| vec![0; values.len()]);
+                        for (a, b) in t.iter_mut().zip(&values) {
+                            *a = a.checked_add(*b).ok_or_else(|| {
+                                StoreError::Overflow(tiersync_protocol::aggregate::Overflow {
+                                    aggregate: agg.name.clone(),
+                                    detail: "a total would overflow".into(),
+                                })
+                            })?;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        let key = String::from_utf8_lossy(&k).into_owned();
+                        tracing::warn!(aggregate = %agg.name, %key, error = %e, "an item beyond the aggregate's range counts nothing");
+                    }
                 }
                 n += 1;
                 if n.is_multiple_of(1_000_000) {
@@ -1787,7 +1853,7 @@ impl Store {
                     let target = totals
                         .remove(&c.group)
                         .unwrap_or_else(|| vec![0; agg.measures.len()]);
-                    if c.value_of(&self.node) != target {
+                    if reset_counters || c.value_of(&self.node) != target {
                         let mut c = c;
                         c.set(&self.node, target, version, self.incarnation());
                         pending.counters.insert(key, c);
@@ -1803,6 +1869,7 @@ impl Store {
                     pending.rows.insert(agg_row_key(agg, &group)?, (i, values));
                 }
             }
+            written += pending.counters.len();
             let mut seq = state.last_seq;
             let hlc = state.clock.last();
             self.flush_aggregates(&mut batch, pending, &mut seq, hlc)?;
@@ -1817,7 +1884,7 @@ impl Store {
             state.last_seq = seq;
             tracing::info!(aggregate = %agg.name, items = n, "aggregate rebuilt");
         }
-        Ok(())
+        Ok(written)
     }
 
     /// Calls `f` for every stored item (tombstones included), in key order.

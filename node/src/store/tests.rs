@@ -26,6 +26,7 @@ pub(crate) fn policy() -> Arc<Policy> {
     );
     Arc::new(Policy {
         limits: Limits::default(),
+        privacy: Default::default(),
         categories,
         aggregates: BTreeMap::new(),
     })
@@ -471,6 +472,7 @@ fn item_counts_follow_merges_and_are_counted_once_in_an_older_store() {
 
 fn with_aggregates(defs: &[(&str, &str, &[&str], &[&str])]) -> Arc<Policy> {
     let mut p = (*policy()).clone();
+    p.privacy.dimensions = vec!["stage".into()];
     for (name, source, group_by, measures) in defs {
         p.aggregates.insert(
             name.to_string(),
@@ -803,4 +805,260 @@ fn a_child_restamps_at_its_welcome_only_what_its_parent_would_refuse() {
             origin: NodeId::new("city-a").unwrap(),
         }
     }
+}
+
+/// Case 1 of issue 15, the sender's side: a province holding items at the
+/// policy's `max_item_bytes` and the watermarks of a large subtree ships
+/// them in batches that each fit a frame (items and watermarks counted by
+/// their encoded size), and every entry is shipped.
+#[test]
+fn batches_fit_a_frame_with_the_largest_items_and_many_watermarks() {
+    let mut p = (*policy()).clone();
+    p.limits.max_frame_bytes = 8192;
+    p.limits.max_item_bytes = 4096;
+    p.validate().unwrap();
+    let p = Arc::new(p);
+    let city_dir = tempfile::tempdir().unwrap();
+    let city = Store::open(
+        city_dir.path(),
+        NodeId::new("city-a").unwrap(),
+        p.clone(),
+        Durability::Fsync,
+    )
+    .unwrap();
+    // Items as large as a write may make them.
+    let mut text = 4000;
+    for k in 0..3 {
+        loop {
+            let d = BTreeMap::from([("t".to_string(), Value::Str("x".repeat(text)))]);
+            match one(&city, put(&format!("c{k}"), d), 1000 + k) {
+                Ok(_) => break,
+                Err(WriteError::TooLarge { .. }) => text -= 16,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    let province_dir = tempfile::tempdir().unwrap();
+    let province = Store::open(
+        province_dir.path(),
+        NodeId::new("prov-a").unwrap(),
+        p.clone(),
+        Durability::Fsync,
+    )
+    .unwrap();
+    // The city itself ships them in batches that fit.
+    let (mut city_items, mut city_last) = (Vec::new(), (0, Hlc::ZERO));
+    while city_last.0 < city.last_seq().unwrap() {
+        let b = city.load_batch(city_last.0).unwrap();
+        city_items.extend(b.items);
+        city_last = (b.last_seq, b.upto_hlc);
+    }
+    assert_eq!(city_items.len(), 3);
+    let marks: Vec<Watermark> = (0..150)
+        .map(|i| Watermark {
+            origin: NodeId::new(format!("a-city-with-a-rather-long-name-{i:03}")).unwrap(),
+            incarnation: u64::MAX - i,
+            seq: u64::MAX / 3,
+            hlc: Hlc {
+                physical_ms: 1_700_000_000_000,
+                logical: 7,
+            },
+        })
+        .collect();
+    province
+        .merge_remote(RemoteMerge {
+            relay_all: false,
+            now_ms: 5000,
+            child: NodeId::new("city-a").unwrap(),
+            incarnation: city.incarnation(),
+            items: city_items,
+            cursor: Some(city_last),
+            watermarks: marks,
+        })
+        .unwrap();
+    let (mut after, mut items, mut watermarks) = (0, 0, 0);
+    while after < province.last_seq().unwrap() {
+        let b = province.load_batch(after).unwrap();
+        assert!(b.last_seq > after, "every batch moves on");
+        let frame = tiersync_protocol::frame::Frame::Batch {
+            after,
+            last_seq: b.last_seq,
+            upto_hlc: b.upto_hlc,
+            items: b.items.clone(),
+            watermarks: b.watermarks.clone(),
+        };
+        codec::encode_frame(&frame, p.limits.max_frame_bytes)
+            .unwrap_or_else(|e| panic!("batch after {after}: {e}"));
+        items += b.items.len();
+        watermarks += b.watermarks.len();
+        after = b.last_seq;
+    }
+    assert_eq!(items, 3);
+    assert!(watermarks >= 151, "{watermarks}");
+}
+
+/// Cases 2 and 8 of issue 15 at the store: a value beyond the summed range
+/// is refused (422 aggregate_overflow) and changes nothing; `reset_counters`
+/// rewrites this node's every share from its own data with a fresh version,
+/// leaving other nodes' shares alone.
+#[test]
+fn out_of_range_sums_are_refused_and_counters_reset_from_own_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = with_aggregates(&[("opp", "opportunity", &["stage"], &["count", "sum(value)"])]);
+    let s = Store::open(
+        dir.path(),
+        NodeId::new("city-a").unwrap(),
+        p,
+        Durability::Fsync,
+    )
+    .unwrap();
+    let opp = |key: &str, value: Value| Mutation::Put {
+        category: "opportunity".into(),
+        key: key.into(),
+        doc: BTreeMap::from([
+            ("stage".to_string(), Value::Str("won".into())),
+            ("value".to_string(), value),
+        ]),
+    };
+    one(&s, opp("o1", Value::Int(2)), 10).unwrap();
+    let last = s.last_seq().unwrap();
+    for v in [
+        Value::Float(1e33),
+        Value::Float(-1e33),
+        Value::Int(i64::MAX),
+    ] {
+        assert!(
+            matches!(
+                one(&s, opp("o2", v.clone()), 11),
+                Err(WriteError::Overflow(_))
+            ),
+            "{v:?}"
+        );
+    }
+    assert_eq!(s.last_seq().unwrap(), last, "nothing was written");
+    assert!(s.get("opportunity", "o2").unwrap().is_none());
+    let won = vec![Some("won".to_string())];
+    assert_eq!(
+        rows(&s, "opp"),
+        BTreeMap::from([(won.clone(), vec![1, 2_000_000])])
+    );
+
+    // Another node's share in this node's counters (as a province holds
+    // its cities'), and this node's own share gone wrong.
+    let (key, mut c) = {
+        let page = s.scan(COUNTERS_CATEGORY, "", None, 10, true).unwrap();
+        match page.items.into_iter().next().unwrap() {
+            (k, Item::Counters(c)) => (k, c),
+            other => panic!("{other:?}"),
+        }
+    };
+    let before = c.shares[&NodeId::new("city-a").unwrap()].version;
+    let other = NodeId::new("city-b").unwrap();
+    c.set(&other, vec![5, 5], before, 9);
+    c.set(
+        &NodeId::new("city-a").unwrap(),
+        vec![7, 7],
+        before,
+        s.incarnation(),
+    );
+    s.merge_remote(RemoteMerge {
+        relay_all: false,
+        now_ms: 20,
+        child: other.clone(),
+        incarnation: 9,
+        items: vec![WireItem {
+            category: COUNTERS_CATEGORY.into(),
+            key: key.clone(),
+            item: Item::Counters(c),
+        }],
+        cursor: None,
+        watermarks: Vec::new(),
+    })
+    .unwrap();
+    assert_eq!(s.reset_counters().unwrap(), 1);
+    let Some(Item::Counters(c)) = s.get(COUNTERS_CATEGORY, &key).unwrap() else {
+        panic!("the counters are kept");
+    };
+    let mine = &c.shares[&NodeId::new("city-a").unwrap()];
+    assert_eq!(mine.values, vec![1, 2_000_000], "from this node's own data");
+    assert!(mine.version > before, "with a fresh version");
+    assert_eq!(
+        c.shares[&other].values,
+        vec![5, 5],
+        "another node's share stays"
+    );
+}
+
+/// Case 6 of issue 15 at the store: a city keeps its exact counts, and
+/// ships its share of a group only once the group holds
+/// `privacy.min_group_size` items (zeros before, which withdraw what was
+/// shipped when a group shrinks again).
+#[test]
+fn counters_ship_only_groups_of_min_group_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = with_aggregates(&[("opp", "opportunity", &["stage"], &["count", "sum(value)"])]);
+    assert_eq!(p.privacy.min_group_size, 5);
+    let s = Store::open(
+        dir.path(),
+        NodeId::new("city-a").unwrap(),
+        p,
+        Durability::Fsync,
+    )
+    .unwrap();
+    let opp = |k: usize| Mutation::Put {
+        category: "opportunity".into(),
+        key: format!("o{k}"),
+        doc: BTreeMap::from([
+            ("stage".to_string(), Value::Str("won".into())),
+            ("value".to_string(), Value::Int(100)),
+        ]),
+    };
+    let shipped_share = |s: &Store| {
+        let batch = s.load_batch(0).unwrap();
+        let counters: Vec<_> = batch
+            .items
+            .iter()
+            .filter_map(|w| match &w.item {
+                Item::Counters(c) => Some(c.value_of(&NodeId::new("city-a").unwrap())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(counters.len(), 1, "one group");
+        counters[0].clone()
+    };
+    let won = vec![Some("won".to_string())];
+    for k in 0..3 {
+        one(&s, opp(k), 10 + k as u64).unwrap();
+    }
+    assert_eq!(
+        rows(&s, "opp"),
+        BTreeMap::from([(won.clone(), vec![3, 300_000_000])])
+    );
+    assert_eq!(
+        shipped_share(&s),
+        vec![0, 0],
+        "3 opportunities: nothing published"
+    );
+    for k in 3..5 {
+        one(&s, opp(k), 10 + k as u64).unwrap();
+    }
+    assert_eq!(
+        shipped_share(&s),
+        vec![5, 500_000_000],
+        "5: published as they are"
+    );
+    one(
+        &s,
+        Mutation::Delete {
+            category: "opportunity".into(),
+            key: "o0".into(),
+        },
+        20,
+    )
+    .unwrap();
+    assert_eq!(shipped_share(&s), vec![0, 0], "4 again: withdrawn");
+    assert_eq!(
+        rows(&s, "opp"),
+        BTreeMap::from([(won, vec![4, 400_000_000])])
+    );
 }

@@ -151,6 +151,7 @@ fn policy() -> Policy {
             max_batch_items: 8,
             ..Limits::default()
         },
+        privacy: Default::default(),
         categories: BTreeMap::from([
             ("customer".to_string(), cat(Kind::Record, Replicate::Up)),
             ("billing".to_string(), cat(Kind::Log, Replicate::Up)),
@@ -981,6 +982,23 @@ impl Sim {
                 .iter()
                 .map(|&k| self.nodes[k].id.clone())
                 .collect(),
+            // The parent's configuration places below each child what the
+            // topology does.
+            subtrees: Some(
+                self.nodes[p]
+                    .children
+                    .iter()
+                    .filter(|&&k| self.nodes[k].tier != Tier::City)
+                    .map(|&k| {
+                        let below = self.nodes[k]
+                            .children
+                            .iter()
+                            .map(|&g| self.nodes[g].id.clone())
+                            .collect();
+                        (self.nodes[k].id.clone(), below)
+                    })
+                    .collect(),
+            ),
         };
         let peer = self.nodes[c].id.clone();
         let subtree: Vec<NodeId> = self.nodes[c]
@@ -1988,6 +2006,7 @@ fn downlink(peer: &str) -> Downlink {
             tier: Tier::Province,
             policy_digest: p.digest(),
             children: BTreeSet::from([NodeId::new("hangzhou").unwrap()]),
+            subtrees: None,
         },
         NodeId::new(peer).unwrap(),
     )
@@ -2416,4 +2435,310 @@ fn resume_matches_rules() {
     // A fresh parent, or a cursor from before protocol 2.
     assert!(resume_matches(0, Hlc::ZERO, None, None));
     assert!(resume_matches(5, Hlc::ZERO, None, None));
+}
+
+/// A customer record of `fields` fields named `{prefix}{i}`, of
+/// `value_bytes`-byte text each, written by `origin` at `ms` (a PATCH).
+fn sized_record(prefix: &str, origin: &str, ms: u64, fields: usize, value_bytes: usize) -> Record {
+    let doc = (0..fields)
+        .map(|i| {
+            (
+                format!("{prefix}{i}"),
+                Some(Value::Str("x".repeat(value_bytes))),
+            )
+        })
+        .collect();
+    let mut r = Record::default();
+    r.patch(
+        doc,
+        Stamp {
+            hlc: hlc(ms),
+            origin: NodeId::new(origin).unwrap(),
+        },
+    );
+    r
+}
+
+/// Case 1 of issue 15: a child's item over the policy's limits (size,
+/// fields, one value) refuses the link and nothing is merged; an item at
+/// the limits passes, and so does a record two nodes wrote whose merged
+/// state is larger than one write may be (each origin within the limits).
+#[test]
+fn items_over_the_policy_limits_are_refused() {
+    let now = 10_000_000;
+    let l = policy_for_unit().limits;
+    let wire = |r: Record| WireItem {
+        category: "customer".into(),
+        key: "k".into(),
+        item: Item::Record(r),
+    };
+    let log = LogEntry {
+        fields: BTreeMap::from([("memo".to_string(), Value::Str("x".repeat(l.max_item_bytes)))]),
+        stamp: Stamp {
+            hlc: hlc(now),
+            origin: NodeId::new("hangzhou").unwrap(),
+        },
+    };
+    let cases = [
+        (
+            "just under a frame",
+            wire(sized_record(
+                "f",
+                "hangzhou",
+                now,
+                1,
+                l.max_frame_bytes - 1024,
+            )),
+            "max_item_bytes",
+        ),
+        (
+            "over max_item_bytes",
+            wire(sized_record("f", "hangzhou", now, 4, l.max_item_bytes / 4)),
+            "max_item_bytes",
+        ),
+        (
+            "too many fields",
+            wire(sized_record("f", "hangzhou", now, l.max_fields + 1, 1)),
+            "max_fields",
+        ),
+        (
+            "a log entry over max_item_bytes",
+            WireItem {
+                category: "billing".into(),
+                key: "b".into(),
+                item: Item::Log(log),
+            },
+            "max_item_bytes",
+        ),
+    ];
+    for (what, item, why) in cases {
+        let (mut d, p) = open_downlink();
+        d.handle_frame(
+            Frame::Batch {
+                after: 0,
+                last_seq: 1,
+                upto_hlc: Hlc::ZERO,
+                items: vec![item],
+                watermarks: vec![],
+            },
+            now,
+            &p,
+        );
+        let mut refusal = None;
+        while let Some(e) = d.poll_event() {
+            match e {
+                DownlinkEvent::Send(Frame::Refuse { reason, message }) => {
+                    refusal = Some((reason, message))
+                }
+                DownlinkEvent::Merge { .. } => panic!("{what}: nothing may be merged"),
+                _ => {}
+            }
+        }
+        let (reason, message) = refusal.unwrap_or_else(|| panic!("{what}: not refused"));
+        assert_eq!(reason, RefuseReason::Violation, "{what}");
+        assert!(message.contains(why), "{what}: {message}");
+        assert!(d.is_closed(), "{what}");
+    }
+    // At the limits: accepted.
+    let p = policy_for_unit();
+    let full = sized_record("f", "hangzhou", now, l.max_fields, 8);
+    assert_eq!(check_limits(&p, &wire(full)), Ok(()));
+    // Two writers' fields merged: larger than one write may be, and each
+    // writer within the limits: accepted (a province relays such records).
+    let half = l.max_item_bytes / 2 - 64;
+    let mut two = sized_record("f", "hangzhou", now, 2, half);
+    assert_eq!(check_limits(&p, &wire(two.clone())), Ok(()));
+    two.merge(&sized_record("g", "wenzhou", now + 1, 2, half));
+    let size = codec::encoded_len(&Item::Record(two.clone())).unwrap();
+    assert!(size > l.max_item_bytes, "{size}");
+    assert_eq!(check_limits(&p, &wire(two)), Ok(()));
+}
+
+/// Case 2 of issue 15: a city's counters may hold only its own share in
+/// its own origin's group, within range; anything else refuses the link and
+/// nothing is merged. Another city's share is dropped (not stored).
+#[test]
+fn forged_counters_are_refused_or_dropped() {
+    use crate::aggregate::{Compiled, Counters, MAX_SHARE};
+    use crate::policy::AggregateDef;
+    let now = 10_000_000;
+    let mut p = policy_for_unit();
+    p.aggregates.insert(
+        "opp".into(),
+        AggregateDef {
+            source: "opportunity".into(),
+            group_by: vec!["origin".into(), "stage".into()],
+            measures: vec!["count".into()],
+            description: String::new(),
+        },
+    );
+    let agg = Compiled::new("opp", &p.aggregates["opp"]).unwrap();
+    let counters = |group_origin: &str, actor: &str, value: i128| {
+        let group = vec![Some(group_origin.to_string()), Some("won".to_string())];
+        let mut c = Counters::new("opp", group.clone(), 1);
+        c.set(&NodeId::new(actor).unwrap(), vec![value], hlc(now), 1);
+        WireItem {
+            category: crate::aggregate::COUNTERS_CATEGORY.into(),
+            key: agg.counters_key(&group),
+            item: Item::Counters(c),
+        }
+    };
+    let batch = |items| Frame::Batch {
+        after: 0,
+        last_seq: 1,
+        upto_hlc: Hlc::ZERO,
+        items,
+        watermarks: vec![],
+    };
+    for (what, item, why) in [
+        (
+            "its own share in another city's group",
+            counters("wenzhou", "hangzhou", 1_000),
+            "group of origin wenzhou",
+        ),
+        (
+            "a share beyond the range",
+            counters("hangzhou", "hangzhou", MAX_SHARE + 1),
+            "do not fit",
+        ),
+        (
+            "a group smaller than min_group_size",
+            counters("hangzhou", "hangzhou", 4),
+            "min_group_size",
+        ),
+    ] {
+        let (mut d, _) = open_downlink();
+        d.handle_frame(batch(vec![item]), now, &p);
+        let mut refusal = None;
+        while let Some(e) = d.poll_event() {
+            match e {
+                DownlinkEvent::Send(Frame::Refuse { message, .. }) => refusal = Some(message),
+                DownlinkEvent::Merge { .. } => panic!("{what}: nothing may be merged"),
+                _ => {}
+            }
+        }
+        let message = refusal.unwrap_or_else(|| panic!("{what}: not refused"));
+        assert!(message.contains(why), "{what}: {message}");
+    }
+    // Another city's share, in its own group: dropped, the rest merged.
+    let (mut d, _) = open_downlink();
+    d.handle_frame(
+        batch(vec![
+            counters("wenzhou", "wenzhou", 1_000),
+            counters("hangzhou", "hangzhou", 5),
+        ]),
+        now,
+        &p,
+    );
+    assert!(matches!(
+        d.poll_event(),
+        Some(DownlinkEvent::Dropped { writes: 1, .. })
+    ));
+    let Some(DownlinkEvent::Merge { items, .. }) = d.poll_event() else {
+        panic!("the honest counters are merged");
+    };
+    assert_eq!(items.len(), 1);
+    let Item::Counters(c) = &items[0].item else {
+        panic!("counters");
+    };
+    assert_eq!(c.actors(), vec![NodeId::new("hangzhou").unwrap()]);
+}
+
+/// Case 3 of issue 15: with `[subtree]` configured, a child may claim only
+/// what the parent's configuration places below it; its tier comes from
+/// its certificate or, without a tier there, from the configuration.
+#[test]
+fn the_tree_is_authorized_by_configuration() {
+    let p = policy_for_unit();
+    let id = |s: &str| NodeId::new(s).unwrap();
+    let national = |peer: &str, cert_tier: Option<Tier>| {
+        Downlink::new(
+            DownlinkConfig {
+                node: id("national"),
+                tier: Tier::National,
+                policy_digest: p.digest(),
+                children: BTreeSet::from([id("zhejiang"), id("jiangsu"), id("shanghai")]),
+                subtrees: Some(BTreeMap::from([
+                    (
+                        id("zhejiang"),
+                        BTreeSet::from([id("hangzhou"), id("ningbo")]),
+                    ),
+                    (id("jiangsu"), BTreeSet::from([id("nanjing")])),
+                ])),
+            },
+            id(peer),
+        )
+        .with_peer_tier(cert_tier)
+    };
+    let hello = |node: &str, tier: Tier, subtree: &[&str]| Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        node: id(node),
+        tier,
+        policy_digest: p.digest(),
+        incarnation: 1,
+        subtree: subtree.iter().map(|n| id(n)).collect(),
+    };
+    let refusals = [
+        (
+            "a sibling's city",
+            "zhejiang",
+            None,
+            hello("zhejiang", Tier::Province, &["hangzhou", "nanjing"]),
+            RefuseReason::Violation,
+        ),
+        (
+            "a node nobody configured",
+            "jiangsu",
+            Some(Tier::Province),
+            hello("jiangsu", Tier::Province, &["nanjing", "suzhou"]),
+            RefuseReason::Violation,
+        ),
+        (
+            "a tier other than the certificate's",
+            "zhejiang",
+            Some(Tier::Province),
+            hello("zhejiang", Tier::City, &[]),
+            RefuseReason::IdMismatch,
+        ),
+        (
+            "a relay configured as a city",
+            "shanghai",
+            None,
+            hello("shanghai", Tier::Province, &[]),
+            RefuseReason::TierNotBelow,
+        ),
+        (
+            "a city configured as a relay",
+            "jiangsu",
+            None,
+            hello("jiangsu", Tier::City, &[]),
+            RefuseReason::TierNotBelow,
+        ),
+    ];
+    for (what, peer, cert_tier, frame, want) in refusals {
+        let mut d = national(peer, cert_tier);
+        d.handle_frame(frame, 0, &p);
+        assert_eq!(refused(&mut d), Some(want), "{what}");
+        assert!(d.is_closed(), "{what}");
+    }
+    for (peer, cert_tier, frame) in [
+        (
+            "zhejiang",
+            None,
+            hello("zhejiang", Tier::Province, &["ningbo"]),
+        ),
+        (
+            "jiangsu",
+            Some(Tier::Province),
+            hello("jiangsu", Tier::Province, &["nanjing"]),
+        ),
+        ("shanghai", None, hello("shanghai", Tier::City, &[])),
+    ] {
+        let mut d = national(peer, cert_tier);
+        d.handle_frame(frame, 0, &p);
+        assert!(
+            matches!(d.poll_event(), Some(DownlinkEvent::Accepted { .. })),
+            "{peer}"
+        );
+    }
 }

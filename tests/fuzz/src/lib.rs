@@ -72,6 +72,7 @@ pub fn policy() -> Policy {
             max_batch_items: 16,
             ..Limits::default()
         },
+        privacy: Default::default(),
         categories: BTreeMap::from([
             ("customer".to_string(), cat(Kind::Record, Replicate::Up)),
             ("billing".to_string(), cat(Kind::Log, Replicate::Up)),
@@ -104,6 +105,7 @@ pub fn downlink_config(policy: &Policy, national: bool) -> DownlinkConfig {
         },
         policy_digest: policy.digest(),
         children: BTreeSet::from([id(1), id(2)]),
+        subtrees: None,
     }
 }
 

@@ -621,6 +621,7 @@ async fn the_api_speaks_tls_with_the_node_certificate() {
         ca: dir.path().join(crate::certs::CA_CERT_FILE),
         cert: files.cert,
         key: files.key,
+        crl: None,
     };
     let config = Arc::new(crate::tls::api_server_config(&tls).unwrap());
     let options = serve::ServeOptions {
