@@ -554,11 +554,29 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// The admin token `refused` reads the metrics with.
-static METRICS_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// The admin token of each node whose `/metrics` a test reads, by API
+/// address (tests run in parallel, each with its own cluster).
+static METRICS_TOKENS: std::sync::Mutex<std::collections::BTreeMap<std::net::SocketAddr, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
 
-/// A client of the API at `api` with [`METRICS_TOKEN`].
+/// Lets [`refused`] and [`metrics_client`] read `id`'s metrics.
+fn metrics_of(c: &Cluster, id: &str) -> std::net::SocketAddr {
+    let api = c.api(id);
+    METRICS_TOKENS
+        .lock()
+        .unwrap()
+        .insert(api, c.tokens(id).admin);
+    api
+}
+
+/// A client of the API at `api` with its admin token ([`metrics_of`]).
 fn metrics_client(api: std::net::SocketAddr) -> tiersync::client::Client {
-    let token = METRICS_TOKEN.get().cloned().unwrap_or_default();
+    let token = METRICS_TOKENS
+        .lock()
+        .unwrap()
+        .get(&api)
+        .cloned()
+        .unwrap_or_default();
     tiersync::client::Client::with_credentials(
         &api.to_string(),
         Duration::from_secs(10),
@@ -586,8 +604,7 @@ fn a_flood_of_connection_attempts_is_refused_while_real_children_are_served() {
     let c = cluster();
     rogue_certificate(&c);
     let pid = c.pid("zhejiang").unwrap();
-    let api = c.api("zhejiang");
-    let _ = METRICS_TOKEN.set(c.tokens("zhejiang").admin);
+    let api = metrics_of(&c, "zhejiang");
     let rss_before = rss_kib(pid);
     let certs = c.dir.path().join("certs");
     let tls = TlsSection {
@@ -762,7 +779,7 @@ fn an_item_over_the_policy_limits_is_refused_and_stores_nothing() {
 fn before_the_hello_a_peer_holds_little_and_one_identity_few_links() {
     use tiersync::link::downlink::{HELLO_MAX_BYTES, HELLO_TIMEOUT, MAX_LINKS_PER_IDENTITY};
     let c = cluster();
-    let api = c.api("zhejiang");
+    let api = metrics_of(&c, "zhejiang");
     runtime().block_on(async {
         // A first frame announced larger than a Hello: closed without
         // waiting for its body (which would take FRAME_BODY_TIMEOUT).
@@ -960,7 +977,7 @@ fn out_of_range_amounts_are_refused_and_totals_stay_exact() {
 #[test]
 fn a_revoked_certificate_is_refused_after_a_reload() {
     let c = cluster();
-    let api = c.api("zhejiang");
+    let api = metrics_of(&c, "zhejiang");
     let certs_dir = c.dir.path().join("certs");
     runtime().block_on(async {
         let mut h = hostile(&c, "hangzhou").await;
@@ -971,7 +988,9 @@ fn a_revoked_certificate_is_refused_after_a_reload() {
 
         certs::revoke(&certs_dir, &NodeId::new("hangzhou").unwrap()).unwrap();
         let out = std::process::Command::new(tiersync_tests::workspace_bin("tiersync"))
-            .args(["reload", "--timeout", "30", "--config"])
+            .args(["reload", "--timeout", "30", "--token"])
+            .arg(c.token("zhejiang"))
+            .arg("--config")
             .arg(c.config("zhejiang"))
             .output()
             .unwrap();
