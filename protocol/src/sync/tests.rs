@@ -2139,17 +2139,7 @@ fn batch_refusals() {
     ];
     for (what, item) in cases {
         let (mut d, p) = open_downlink();
-        d.handle_frame(
-            Frame::Batch {
-                after: 0,
-                last_seq: 1,
-                upto_hlc: Hlc::ZERO,
-                items: vec![item],
-                watermarks: vec![],
-            },
-            now,
-            &p,
-        );
+        d.handle_frame(batch_of(item), now, &p);
         assert_eq!(refused(&mut d), Some(RefuseReason::Violation), "{what}");
         assert!(d.is_closed(), "{what}");
     }
@@ -2211,6 +2201,17 @@ fn batch_refusals() {
 
 /// A loaded batch up to `last_seq` with no items (the uplink tests count
 /// batches, not items).
+/// The child's first batch, holding `item` alone.
+fn batch_of(item: WireItem) -> Frame {
+    Frame::Batch {
+        after: 0,
+        last_seq: 1,
+        upto_hlc: Hlc::ZERO,
+        items: vec![item],
+        watermarks: vec![],
+    }
+}
+
 fn empty_batch(last_seq: u64) -> LoadedBatch {
     LoadedBatch {
         last_seq,
@@ -2513,17 +2514,7 @@ fn items_over_the_policy_limits_are_refused() {
     ];
     for (what, item, why) in cases {
         let (mut d, p) = open_downlink();
-        d.handle_frame(
-            Frame::Batch {
-                after: 0,
-                last_seq: 1,
-                upto_hlc: Hlc::ZERO,
-                items: vec![item],
-                watermarks: vec![],
-            },
-            now,
-            &p,
-        );
+        d.handle_frame(batch_of(item), now, &p);
         let mut refusal = None;
         while let Some(e) = d.poll_event() {
             match e {
