@@ -348,6 +348,19 @@ fn child(retained_from: u64, mut script: Script) {
                     };
                     u.snapshot_loaded(epoch, Vec::new(), next, Vec::new());
                 }
+                UplinkEvent::CheckResume { seq, hlc: at, epoch } => {
+                    // This child's changelog: entry n carries hlc(n); the
+                    // last trimmed one is the mark.
+                    let entry = (seq >= retained && seq <= local_last).then(|| hlc(seq));
+                    let mark = (retained > 1).then(|| (retained - 1, hlc(retained - 1)));
+                    let ok = tiersync_protocol::sync::resume_matches(seq, at, entry, mark);
+                    u.resume_checked(epoch, ok);
+                }
+                UplinkEvent::Reincarnate { .. } => {
+                    // A new history: the parent acknowledges it from 0.
+                    acked = 0;
+                    u.reincarnated(local_last.wrapping_add(1));
+                }
                 UplinkEvent::Acked { seq } => {
                     assert!(seq <= sent_max, "acknowledged {seq}, beyond what was sent");
                     assert!(seq > acked, "acknowledgements go forward");
