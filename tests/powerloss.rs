@@ -55,15 +55,17 @@ fn powerfs_available(test: &str) -> bool {
     }
 }
 
-/// national ← zhejiang ← hangzhou, `on`'s data directory on powerfs, not
-/// started.
-fn chain_with_powerfs(on: &str) -> Cluster {
+/// national ← zhejiang ← hangzhou, the data directories of `on` on
+/// powerfs, not started.
+fn chain_with_powerfs(on: &[&str]) -> Cluster {
     let mut c = Cluster::new(&Spec {
         provinces: 1,
         cities_per_province: 1,
         ..Spec::default()
     });
-    c.put_on_powerfs(on);
+    for id in on {
+        c.put_on_powerfs(id);
+    }
     c
 }
 
@@ -76,14 +78,15 @@ struct Cuts {
     last_lost: Vec<String>,
 }
 
-/// Cuts `victim`'s power `cuts` times while `writer` streams to the city,
-/// each time after a random number of new acknowledgements, and restarts
-/// it. After a cut of the city the last write acknowledged before it is
-/// looked up; with `strict` a missing one fails at once.
+/// Cuts the power of `victims` (together: all are cut, then all restarted,
+/// in that order) `cuts` times while `writer` streams to the city, each time
+/// after a random number of new acknowledgements. After a cut of the city
+/// the last write acknowledged before it is looked up; with `strict` a
+/// missing one fails at once.
 fn cut_loop(
     c: &mut Cluster,
     writer: &AckedWriter,
-    victim: &str,
+    victims: &[&str],
     cuts: usize,
     rng: &mut StdRng,
     strict: bool,
@@ -98,9 +101,13 @@ fn cut_loop(
             c.log(CITY)
         );
         let last = writer.last_acked();
-        seen.dropped.add(c.power_cut(victim));
-        c.start(victim);
-        let Some((key, value)) = last.filter(|_| victim == CITY) else {
+        for victim in victims {
+            seen.dropped.add(c.power_cut(victim));
+        }
+        for victim in victims {
+            c.start(victim);
+        }
+        let Some((key, value)) = last.filter(|_| victims.contains(&CITY)) else {
             continue;
         };
         let r = c.get(CITY, &format!("/v1/records/customer/{key}"));
@@ -264,10 +271,10 @@ fn ingest_loses_no_acknowledged_write_at_power_cuts_of_the_city() {
     let cuts = env_count("TIERSYNC_POWER_CUTS", 10);
     let seed = env_seed(0x90_3e12);
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut c = chain_with_powerfs(CITY);
+    let mut c = chain_with_powerfs(&[CITY]);
     c.start_all();
     let writer = AckedWriter::start(c.api(CITY), &c.token(CITY), "p");
-    let seen = cut_loop(&mut c, &writer, CITY, cuts, &mut rng, true);
+    let seen = cut_loop(&mut c, &writer, &[CITY], cuts, &mut rng, true);
     let (acked, _) = writer.finish();
     assert!(
         c.wait_complete_at("national", WAIT).is_some(),
@@ -301,11 +308,11 @@ fn control_buffered_durability_loses_acknowledged_writes_at_power_cuts() {
     let cuts = env_count("TIERSYNC_POWER_CUTS", 10);
     let seed = env_seed(0xc0_9e12);
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut c = chain_with_powerfs(CITY);
+    let mut c = chain_with_powerfs(&[CITY]);
     c.set_durability(CITY, "buffered");
     c.start_all();
     let writer = AckedWriter::start(c.api(CITY), &c.token(CITY), "b");
-    let seen = cut_loop(&mut c, &writer, CITY, cuts, &mut rng, false);
+    let seen = cut_loop(&mut c, &writer, &[CITY], cuts, &mut rng, false);
     let (acked, _) = writer.finish();
     c.stop(CITY);
     let lost_city = lost(&c.read_store(CITY), &acked);
@@ -335,10 +342,10 @@ fn replication_loses_no_acknowledged_write_at_power_cuts_of_the_province() {
     let cuts = env_count("TIERSYNC_POWER_CUTS", 10);
     let seed = env_seed(0x9e_91ca);
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut c = chain_with_powerfs(PROVINCE);
+    let mut c = chain_with_powerfs(&[PROVINCE]);
     c.start_all();
     let writer = AckedWriter::start(c.api(CITY), &c.token(CITY), "r");
-    let seen = cut_loop(&mut c, &writer, PROVINCE, cuts, &mut rng, true);
+    let seen = cut_loop(&mut c, &writer, &[PROVINCE], cuts, &mut rng, true);
     let (acked, _) = writer.finish();
     assert!(
         c.wait_complete_at("national", WAIT).is_some(),
@@ -355,6 +362,44 @@ fn replication_loses_no_acknowledged_write_at_power_cuts_of_the_province() {
          {} acknowledged writes at the city, {lost_national} lost at national; the cuts dropped \
          {} unsynced bytes in {} files and {} name operations; seed {seed}",
         acked.len(),
+        seen.dropped.bytes,
+        seen.dropped.files,
+        seen.dropped.names
+    );
+}
+
+/// A power cut of a whole site: the province and its city lose power
+/// together (both data directories on powerfs), again and again while the
+/// city ingests and replicates. No acknowledged write is lost anywhere, and
+/// every tier ends with the merge of its subtree.
+#[test]
+fn no_acknowledged_write_is_lost_when_city_and_province_lose_power_together() {
+    if !powerfs_available("powerloss city+province") {
+        return;
+    }
+    let cuts = env_count("TIERSYNC_POWER_CUTS", 10);
+    let seed = env_seed(0x51_7e5);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut c = chain_with_powerfs(&[PROVINCE, CITY]);
+    c.start_all();
+    let writer = AckedWriter::start(c.api(CITY), &c.token(CITY), "s");
+    let seen = cut_loop(&mut c, &writer, &[PROVINCE, CITY], cuts, &mut rng, true);
+    let (acked, _) = writer.finish();
+    assert!(
+        c.wait_complete_at("national", WAIT).is_some(),
+        "national never caught up; province log: {}",
+        c.log(PROVINCE)
+    );
+    let stores = c.assert_tiers_hold_merge_of_subtree();
+    for id in [CITY, PROVINCE, "national"] {
+        assert_acked_present(&stores[id], &acked, id);
+    }
+    eprintln!(
+        "powerloss city+province: {cuts} power cuts of both, {} acknowledged writes, {} lost \
+         at national; the cuts dropped {} unsynced bytes in {} files and {} name operations; \
+         seed {seed}",
+        acked.len(),
+        lost(&stores["national"], &acked),
         seen.dropped.bytes,
         seen.dropped.files,
         seen.dropped.names
