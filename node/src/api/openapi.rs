@@ -87,6 +87,54 @@ fn concrete_aggregates(paths: &mut Map<String, Json>, aggregates: &[Compiled]) {
     }
 }
 
+/// Routes without credentials (liveness and readiness probes).
+const PROBES: [&str; 2] = ["/healthz", "/readyz"];
+
+/// What any route may answer besides its own responses: the guards' refusals
+/// (`api/auth.rs`, `api/guards.rs`) before the handler runs. A probe needs no
+/// credentials, which the document says with an empty `security`.
+fn common_responses(op: &mut Json, probe: bool) {
+    if probe {
+        op["security"] = json!([]);
+        return;
+    }
+    let writes = op.get("requestBody").is_some();
+    let Some(responses) = op.get_mut("responses").and_then(Json::as_object_mut) else {
+        return;
+    };
+    let error = |why: &str| {
+        json!({
+            "description": why,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+        })
+    };
+    let mut common = vec![
+        ("401", "unauthorized: no valid bearer token"),
+        (
+            "403",
+            "forbidden: the token's role or categories do not allow this",
+        ),
+        (
+            "408",
+            "request_timeout: the request took longer than the node allows",
+        ),
+        ("421", "wrong_host: the Host header names another server"),
+        (
+            "429",
+            "rate_limited: this token sent too many requests; retry after Retry-After",
+        ),
+    ];
+    if writes {
+        common.push((
+            "415",
+            "unsupported_media_type: a write needs a JSON or NDJSON Content-Type",
+        ));
+    }
+    for (code, why) in common {
+        responses.entry(code).or_insert_with(|| error(why));
+    }
+}
+
 /// The document served by `GET /v1/openapi.json` for `policy` and its
 /// compiled `aggregates`.
 pub fn document(policy: &Policy, aggregates: &[Compiled]) -> Json {
@@ -121,11 +169,13 @@ pub fn document(policy: &Policy, aggregates: &[Compiled]) -> Json {
         return doc;
     };
     concrete_aggregates(paths, aggregates);
-    for item in paths.values_mut() {
+    for (path, item) in paths.iter_mut() {
+        let probe = PROBES.contains(&path.as_str());
         let Some(ops) = item.as_object_mut() else {
             continue;
         };
         for (method, op) in ops.iter_mut() {
+            common_responses(op, probe);
             let categories = if matches!(method.as_str(), "patch" | "delete") {
                 &records
             } else {
