@@ -625,13 +625,8 @@ fn sign_public_key(
         file: cert_file.to_path_buf(),
         source,
     };
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, node_id.as_str());
-    params.distinguished_name = dn;
-    let mut sans = vec![SanType::DnsName(
-        node_id.as_str().try_into().map_err(generate)?,
-    )];
+    let mut params = node_params(node_id).map_err(generate)?;
+    let mut sans = params.subject_alt_names.clone();
     if let Some(tier) = tier {
         sans.push(SanType::DnsName(
             tier_san(tier).try_into().map_err(generate)?,
@@ -701,13 +696,7 @@ pub fn request(dir: &Path, node_id: &NodeId, new_key: bool) -> Result<RequestFil
         file: csr_file.clone(),
         source,
     };
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, node_id.as_str());
-    params.distinguished_name = dn;
-    params.subject_alt_names = vec![SanType::DnsName(
-        node_id.as_str().try_into().map_err(generate)?,
-    )];
+    let params = node_params(node_id).map_err(generate)?;
     let csr = params
         .serialize_request(&key)
         .and_then(|r| r.pem())
@@ -718,6 +707,17 @@ pub fn request(dir: &Path, node_id: &NodeId, new_key: bool) -> Result<RequestFil
         key: files.key,
         csr: csr_file,
     })
+}
+
+/// What names a node in its certificate and its signing request alike: the
+/// node id as common name and as first DNS SAN.
+fn node_params(node_id: &NodeId) -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node_id.as_str());
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::DnsName(node_id.as_str().try_into()?)];
+    Ok(params)
 }
 
 /// An ECDSA P-256 public key taken from a signing request.
