@@ -884,3 +884,51 @@ fn config_examples_load_and_pass_the_deployment_check() {
         ]
     );
 }
+
+/// `[moved.CHILD]` records a node that left CHILD's subtree and when; it
+/// must name a child, not a node still configured below it, and a time in
+/// the past.
+#[test]
+fn moved_nodes_are_checked() {
+    let d = Dir::new();
+    let national = node("national", "national", None, &["zhejiang", "jiangsu"], 0);
+    let ok = format!("{national}\n[moved.zhejiang]\nningbo = \"2026-01-05T08:00:00Z\"\n");
+    let loaded = d.load("national.toml", &ok).unwrap();
+    let moved = loaded.config.moved();
+    let ningbo = tiersync_protocol::NodeId::new("ningbo").unwrap();
+    let zhejiang = tiersync_protocol::NodeId::new("zhejiang").unwrap();
+    assert_eq!(moved[&zhejiang][&ningbo], 1_767_600_000_000);
+
+    let not_child = format!("{national}\n[moved.anhui]\nningbo = \"2026-01-05T08:00:00Z\"\n");
+    let msg = d.refused("national.toml", &not_child);
+    assert_names(
+        &msg,
+        &d.path("national.toml"),
+        "moved.anhui.ningbo",
+        "not in children",
+    );
+
+    let future = format!("{national}\n[moved.zhejiang]\nningbo = \"2999-01-01T00:00:00Z\"\n");
+    let msg = d.refused("national.toml", &future);
+    assert_names(
+        &msg,
+        &d.path("national.toml"),
+        "moved.zhejiang.ningbo",
+        "in the future",
+    );
+
+    let still = format!(
+        "{national}\n[subtree]\nzhejiang = [\"ningbo\"]\njiangsu = []\n\n[moved.zhejiang]\nningbo = \"2026-01-05T08:00:00Z\"\n"
+    );
+    let msg = d.refused("national.toml", &still);
+    assert_names(
+        &msg,
+        &d.path("national.toml"),
+        "moved.zhejiang.ningbo",
+        "still placed below zhejiang",
+    );
+
+    let garbage = format!("{national}\n[moved.zhejiang]\nningbo = \"last tuesday\"\n");
+    let msg = d.refused("national.toml", &garbage);
+    assert!(msg.contains("moved.zhejiang.ningbo"), "{msg}");
+}

@@ -16,10 +16,15 @@
 //!   acknowledged write is there.
 //! * `moved_city_blocks_nothing_and_counts_once`: a city that edited a
 //!   customer a sibling edits too moves to the other province; its old
-//!   province goes on relaying that record (national drops the moved city's
-//!   part of it, counted) and is never blocked; every later write of every
+//!   province goes on relaying that record (national takes the moved
+//!   city's part of it, written before the move) and is never blocked; every later write of every
 //!   city reaches national, the record holds both cities' fields, and the
 //!   moved city's private opportunities count once.
+//! * `moved_city_writes_only_its_old_province_holds_reach_national`: a city
+//!   overwrites a sibling's customer while national is away, loses its disk
+//!   and moves: national takes the overwrite from the old province (the
+//!   city left that province's subtree after writing it), so every tier
+//!   holds the same record.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is the test failure report
 
@@ -289,15 +294,6 @@ fn moved_city_blocks_nothing_and_counts_once() {
     let zhejiang = &c.get("national", "/v1/status").body["links"]["children"]["zhejiang"];
     assert_eq!(zhejiang["connected"], true, "{zhejiang}");
     assert!(zhejiang["last_error"].is_null(), "{zhejiang}");
-    let metrics = c.get_text("national", "/metrics");
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("tiersync_link_foreign_dropped_total")
-                && l.contains("zhejiang")
-                && !l.ends_with(" 0")),
-        "national dropped the moved city's writes coming from its old province"
-    );
     // The moved city's private opportunity counts once at national.
     let rows = c
         .get(
@@ -313,4 +309,89 @@ fn moved_city_blocks_nothing_and_counts_once() {
         .collect();
     assert_eq!(mine.len(), 1, "{rows}");
     assert_eq!(mine[0]["values"]["count"], 5, "{rows}");
+}
+
+/// A city overwrites a customer a sibling wrote while national is away,
+/// then loses its disk and moves to the other province: its overwrite now
+/// exists only at its old province. National must take it from there (the
+/// city wrote it while it was below that province, which national learnt
+/// from the province's earlier Hello), or it would keep the sibling's
+/// superseded version while the province holds the city's: the tiers would
+/// disagree for good.
+#[test]
+fn moved_city_writes_only_its_old_province_holds_reach_national() {
+    let mut c = Cluster::new(&Spec::default());
+    c.start_all();
+    let (moved, sibling) = ("hangzhou", "ningbo");
+    let put = |c: &Cluster, node: &str, path: &str, body: serde_json::Value| {
+        let r = c.send("PUT", node, path, &body);
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    };
+    for city in c.cities() {
+        put(
+            &c,
+            &city,
+            &format!("/v1/records/customer/first-{city}"),
+            json!({"name": city}),
+        );
+    }
+    put(
+        &c,
+        sibling,
+        "/v1/records/customer/shared-2",
+        json!({"name": "Li", "segment": "silver"}),
+    );
+    assert!(c.wait_complete_at("national", CONVERGE).is_some());
+
+    // National is away: the city's overwrite reaches only its province.
+    c.stop("national");
+    put(
+        &c,
+        moved,
+        "/v1/records/customer/shared-2",
+        json!({"name": "Li Wei", "segment": "gold"}),
+    );
+    let at_province = wait_for(CONVERGE, || {
+        let r = c.get_opt("zhejiang", "/v1/records/customer/shared-2")?;
+        (r.body["fields"]["segment"] == "gold").then_some(())
+    });
+    assert!(at_province.is_some(), "the overwrite reached the province");
+
+    // The city's disk is lost, and it starts over below the other province.
+    let data = c.deployment.node(moved).unwrap().data_dir.clone();
+    c.stop(moved);
+    std::fs::remove_dir_all(&data).unwrap();
+    c.move_city(moved, "zhejiang", "jiangsu");
+    c.stop("zhejiang");
+    c.stop("jiangsu");
+    c.start("zhejiang");
+    c.start("jiangsu");
+    c.start(moved);
+    c.start("national");
+    put(
+        &c,
+        moved,
+        "/v1/records/customer/after-move-2",
+        json!({"name": "Wang"}),
+    );
+    assert!(c.wait_complete_at("national", CONVERGE).is_some());
+    let arrived = wait_for(CONVERGE, || {
+        has_customer(&c, "national", "after-move-2").then_some(())
+    });
+    assert!(
+        arrived.is_some(),
+        "the moved city's later write reaches national"
+    );
+    let province = c.get("zhejiang", "/v1/records/customer/shared-2").body;
+    let national = wait_for(CONVERGE, || {
+        let r = c.get_opt("national", "/v1/records/customer/shared-2")?;
+        (r.body["fields"] == province["fields"]).then_some(r.body)
+    });
+    assert!(
+        national.is_some(),
+        "national holds the moved city's overwrite its old province relays: {province} vs {:?}",
+        c.get_opt("national", "/v1/records/customer/shared-2")
+            .map(|r| r.body)
+    );
+    assert_eq!(province["fields"]["segment"], "gold", "{province}");
 }

@@ -222,6 +222,14 @@ pub struct NodeConfig {
     /// Hellos are trusted (first come, first served).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subtree: Option<BTreeMap<NodeId, Vec<NodeId>>>,
+    /// `[moved.CHILD]`: nodes that left CHILD's subtree (a city moved to
+    /// another province, or removed), each with the RFC 3339 time it left.
+    /// CHILD may still relay what they wrote before then. A parent learns
+    /// departures from its children's Hellos by itself; this records the
+    /// ones it could not see (CHILD never connected while the city was
+    /// below it).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub moved: BTreeMap<NodeId, BTreeMap<NodeId, humantime_serde::Serde<std::time::SystemTime>>>,
     /// Certificates; required when the node has a parent or children.
     #[serde(default)]
     pub tls: Option<TlsSection>,
@@ -324,6 +332,21 @@ impl NodeConfig {
         })
     }
 
+    /// `[moved]` for the links: per child, node → until when (ms) its
+    /// writes may come from that child.
+    pub fn moved(&self) -> BTreeMap<NodeId, BTreeMap<NodeId, u64>> {
+        self.moved
+            .iter()
+            .map(|(child, left)| {
+                let left = left
+                    .iter()
+                    .map(|(n, at)| (n.clone(), crate::system_ms(**at)))
+                    .collect();
+                (child.clone(), left)
+            })
+            .collect()
+    }
+
     /// Checks the rules a single node file must follow on its own.
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         let id = &self.node.id;
@@ -391,6 +414,32 @@ impl NodeConfig {
                         file,
                         key,
                         format!("{n} is placed below both {other} and {child}"),
+                    ));
+                }
+            }
+        }
+        let now = std::time::SystemTime::now();
+        for (child, left) in &self.moved {
+            for (n, at) in left {
+                let key = format!("moved.{child}.{n}");
+                if !self.children.contains(child) {
+                    return Err(invalid(file, key, format!("{child} is not in children")));
+                }
+                if self
+                    .subtrees()
+                    .is_some_and(|s| s.get(child).is_some_and(|b| b.contains(n)))
+                {
+                    return Err(invalid(
+                        file,
+                        key,
+                        format!("{n} is still placed below {child} in [subtree]"),
+                    ));
+                }
+                if **at > now {
+                    return Err(invalid(
+                        file,
+                        key,
+                        "the time a node left is in the future: record a move after it happened",
                     ));
                 }
             }

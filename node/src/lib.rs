@@ -42,8 +42,12 @@ fn mono_ms() -> u64 {
 /// Wall-clock milliseconds since the Unix epoch, as the operating system
 /// says; a clock before 1970 reads as 0.
 pub fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+    system_ms(std::time::SystemTime::now())
+}
+
+/// `t` in milliseconds since the Unix epoch (0 before it).
+pub fn system_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 

@@ -247,7 +247,10 @@ pub async fn start(
     let children = Arc::new(ArcSwap::from_pointee(
         cfg.children.iter().cloned().collect::<BTreeSet<NodeId>>(),
     ));
-    let subtrees = Arc::new(ArcSwap::from_pointee(cfg.subtrees()));
+    let subtrees = Arc::new(ArcSwap::from_pointee(downlink::Subtrees {
+        configured: cfg.subtrees(),
+        moved: cfg.moved(),
+    }));
     let peer_addr = prepared.peer_addr;
     let (revoked, revoked_rx) = watch::channel(Arc::new(prepared.revoked));
     if let Some(endpoint) = &prepared.peer_endpoint {
@@ -582,7 +585,13 @@ impl Running {
         if o.subtree != n.subtree {
             applied.push("subtree: the nodes allowed below each child".to_string());
         }
-        self.live.subtrees.store(Arc::new(n.subtrees()));
+        if o.moved != n.moved {
+            applied.push("moved: the nodes that left each child's subtree".to_string());
+        }
+        self.live.subtrees.store(Arc::new(downlink::Subtrees {
+            configured: n.subtrees(),
+            moved: n.moved(),
+        }));
         if o.log != n.log {
             applied.push(format!("log.level: {:?}", n.log.level));
         }

@@ -301,18 +301,18 @@ impl Record {
         true
     }
 
-    /// Drops every register written by an origin `keep` refuses (the base
-    /// becomes empty if it was one of them); returns how many were dropped.
+    /// Drops every register whose stamp `keep` refuses (the base becomes
+    /// empty if it was one of them); returns how many were dropped.
     /// The rest is the state of the kept writes alone: merging it with the
     /// dropped writes' own replicas gives back the whole state.
-    pub fn retain_origins(&mut self, keep: impl Fn(&NodeId) -> bool) -> usize {
+    pub fn retain_stamps(&mut self, keep: impl Fn(&Stamp) -> bool) -> usize {
         let mut dropped = 0;
-        if self.base.val != Base::Empty && !keep(&self.base.marker.origin) {
+        if self.base.val != Base::Empty && !keep(&self.base.marker) {
             self.base = Record::default().base;
             dropped += 1;
         }
         let before = self.fields.len();
-        self.fields.retain(|_, r| keep(&r.marker.origin));
+        self.fields.retain(|_, r| keep(&r.marker));
         dropped + before - self.fields.len()
     }
 }
@@ -406,20 +406,25 @@ impl Item {
         }
     }
 
-    /// Drops what origins (counter actors) that `keep` refuses wrote;
-    /// returns how many writes (registers, entries, actors) were dropped and
-    /// `None` for the item when nothing is left of it.
-    pub fn retain_origins(self, keep: impl Fn(&NodeId) -> bool) -> (Option<Item>, usize) {
+    /// Drops the writes whose stamps `keep` refuses (the counter shares of
+    /// the actors `keep_actor` refuses); returns how many writes (registers,
+    /// entries, actors) were dropped and `None` for the item when nothing is
+    /// left of it.
+    pub fn retain_writes(
+        self,
+        keep: impl Fn(&Stamp) -> bool,
+        keep_actor: impl Fn(&NodeId) -> bool,
+    ) -> (Option<Item>, usize) {
         match self {
             Item::Record(mut r) => {
-                let n = r.retain_origins(keep);
+                let n = r.retain_stamps(keep);
                 let empty = r.stamps().next().is_none();
                 ((!empty).then_some(Item::Record(r)), n)
             }
-            Item::Log(l) if keep(&l.stamp.origin) => (Some(Item::Log(l)), 0),
+            Item::Log(l) if keep(&l.stamp) => (Some(Item::Log(l)), 0),
             Item::Log(_) => (None, 1),
             Item::Counters(mut c) => {
-                let n = c.retain_actors(keep);
+                let n = c.retain_actors(keep_actor);
                 let empty = c.actors().is_empty();
                 ((!empty).then_some(Item::Counters(c)), n)
             }

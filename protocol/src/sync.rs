@@ -12,9 +12,9 @@
 //! Delivery is at-least-once: after a reconnect the child resends from the
 //! parent's durable cursor, and merges are idempotent.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::clock::Hlc;
+use crate::clock::{Hlc, Stamp};
 use crate::frame::{Frame, PROTOCOL_VERSION, RefuseReason, Watermark, WireItem};
 use crate::id::{NodeId, Tier};
 use crate::item::Item;
@@ -610,7 +610,71 @@ pub struct DownlinkConfig {
     /// listed here relays (its tier is above a city's) while one not listed
     /// is a city. `None` (no `[subtree]` configured): the claims of the
     /// Hello are trusted, first come first served.
-    pub subtrees: Option<std::collections::BTreeMap<NodeId, BTreeSet<NodeId>>>,
+    pub subtrees: Option<BTreeMap<NodeId, BTreeSet<NodeId>>>,
+}
+
+/// The most nodes a parent remembers as having left one child's subtree.
+/// The oldest departures are forgotten first (their writes are long
+/// relayed); a child that claims and drops nodes at will cannot grow it.
+pub const MAX_FORMER: usize = 1024;
+
+/// What a parent remembers, durably, of the nodes one child relayed for:
+/// the ones it claims now, and the ones that left it (a city moved to
+/// another province, or removed) with the time they left.
+///
+/// The old parent keeps what a moved city sent it, in records other cities
+/// edited too, and a write of the city that only it holds (the city lost it
+/// in a restore or a power cut of a `buffered` disk after sending it) may
+/// have overwritten a sibling's. Dropping the city's writes there would lose
+/// that sibling's write too; so writes of a former member stamped before it
+/// left (plus the allowed skew) are still taken from the old parent, and
+/// only later ones, which it cannot have had, are dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SubtreeHistory {
+    /// The nodes the child claimed at its last accepted Hello.
+    pub current: BTreeSet<NodeId>,
+    /// Nodes it no longer claims: stamps up to the time (ms) are accepted.
+    pub former: BTreeMap<NodeId, u64>,
+}
+
+impl SubtreeHistory {
+    /// The child's accepted Hello claims `subtree`, at `until_ms` (this
+    /// node's time plus the allowed skew): nodes it no longer claims become
+    /// former members, nodes it claims again current ones. Returns whether
+    /// anything changed (the driver then stores it before any merge).
+    pub fn claimed(&mut self, subtree: &BTreeSet<NodeId>, until_ms: u64) -> bool {
+        if self.current == *subtree {
+            return false;
+        }
+        for gone in self.current.difference(subtree) {
+            self.former.insert(gone.clone(), until_ms);
+        }
+        self.former.retain(|n, _| !subtree.contains(n));
+        while self.former.len() > MAX_FORMER {
+            let oldest = self
+                .former
+                .iter()
+                .min_by_key(|(n, t)| (**t, (*n).clone()))
+                .map(|(n, _)| n.clone());
+            match oldest {
+                Some(n) => self.former.remove(&n),
+                None => break,
+            };
+        }
+        self.current = subtree.clone();
+        true
+    }
+
+    /// The former members with the moves the operator recorded for this
+    /// child (`[moved]`: node → until when, ms) added; the later time wins.
+    pub fn former_with(&self, recorded: Option<&BTreeMap<NodeId, u64>>) -> BTreeMap<NodeId, u64> {
+        let mut former = self.former.clone();
+        for (n, t) in recorded.into_iter().flatten() {
+            let until = former.entry(n.clone()).or_insert(*t);
+            *until = (*until).max(*t);
+        }
+        former
+    }
 }
 
 /// What the parent's driver must do.
@@ -690,6 +754,9 @@ pub struct Downlink {
     peer_tier: Option<Tier>,
     child_tier: Tier,
     allowed_origins: BTreeSet<NodeId>,
+    /// Nodes that left the child's subtree, and until when their writes
+    /// may still come from it ([`SubtreeHistory::former`]).
+    former_origins: BTreeMap<NodeId, u64>,
     /// What this parent durably holds of the child's changelog, as far as
     /// this link knows.
     cursor: u64,
@@ -708,6 +775,7 @@ impl Downlink {
             peer_tier: None,
             child_tier: Tier::City,
             allowed_origins: BTreeSet::new(),
+            former_origins: BTreeMap::new(),
             cursor: 0,
             relearn: false,
             state: DownState::AwaitHello,
@@ -961,6 +1029,21 @@ impl Downlink {
         });
     }
 
+    /// The driver's answer to [`DownlinkEvent::Accepted`], before
+    /// [`Downlink::cursor_loaded`]: the nodes that left this child's subtree
+    /// and until when (ms) their writes may still arrive through it (see
+    /// [`SubtreeHistory`]). Without it, writes of any node outside the
+    /// subtree the Hello claims are dropped.
+    pub fn former_loaded(&mut self, former: BTreeMap<NodeId, u64>) {
+        if self.state != DownState::AwaitCursor {
+            return;
+        }
+        self.former_origins = former
+            .into_iter()
+            .filter(|(n, _)| !self.allowed_origins.contains(n))
+            .collect();
+    }
+
     /// The driver's answer to [`DownlinkEvent::Accepted`]: the durable cursor
     /// and the HLC of the child's change at it, at wall time `now_ms`.
     pub fn cursor_loaded(&mut self, resume_from: u64, resume_hlc: Hlc, now_ms: u64) {
@@ -1019,12 +1102,21 @@ impl Downlink {
             ));
         }
         let allowed = |o: &NodeId| self.allowed_origins.contains(o);
+        // A former member's write is taken if it was made before it left;
+        // its counter share is not: its current parent carries the newer one.
+        let keep = |s: &Stamp| {
+            allowed(&s.origin)
+                || self
+                    .former_origins
+                    .get(&s.origin)
+                    .is_some_and(|until| s.hlc.physical_ms <= *until)
+        };
         let mut kept = Vec::with_capacity(items.len());
         let mut writes = 0;
         let mut origins = BTreeSet::new();
         for w in items {
             for s in w.item.stamps() {
-                if !allowed(&s.origin) {
+                if !keep(s) {
                     origins.insert(s.origin.clone());
                 }
             }
@@ -1040,7 +1132,7 @@ impl Downlink {
                 key,
                 item,
             } = w;
-            let (item, dropped) = item.retain_origins(allowed);
+            let (item, dropped) = item.retain_writes(keep, allowed);
             writes += dropped;
             if let Some(item) = item {
                 kept.push(WireItem {
@@ -1212,8 +1304,7 @@ pub fn check_limits(policy: &Policy, w: &WireItem) -> Result<(), String> {
             }
         }
         Item::Record(r) => {
-            let mut by_origin: std::collections::BTreeMap<&NodeId, (usize, usize)> =
-                std::collections::BTreeMap::new();
+            let mut by_origin: BTreeMap<&NodeId, (usize, usize)> = BTreeMap::new();
             for (name, value, stamp) in r.fields() {
                 crate::policy::check_field_name(name)?;
                 let slot = by_origin.entry(&stamp.origin).or_default();

@@ -22,9 +22,15 @@ use crate::store::{RemoteMerge, Store};
 /// Which child relays for which node of the subtree (learned from Hellos).
 pub type Claims = Arc<Mutex<BTreeMap<NodeId, NodeId>>>;
 
-/// Who may appear below each child, from the configuration (`None`: not
-/// configured, the Hellos' claims are trusted).
-pub type Subtrees = Option<BTreeMap<NodeId, BTreeSet<NodeId>>>;
+/// Who may appear below each child, from the configuration.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Subtrees {
+    /// `[subtree]` (`None`: not configured, the Hellos' claims are trusted).
+    pub configured: Option<BTreeMap<NodeId, BTreeSet<NodeId>>>,
+    /// `[moved]`: per child, the nodes that left it and until when (ms)
+    /// their writes may still come from it.
+    pub moved: BTreeMap<NodeId, BTreeMap<NodeId, u64>>,
+}
 
 /// Most connections being set up at once; more are refused at once, so a
 /// flood of connection attempts cannot exhaust the parent.
@@ -325,7 +331,7 @@ async fn drive(
         tier: ctx.tier,
         policy_digest: ctx.policy.digest(),
         children: ctx.children.load().as_ref().clone(),
-        subtrees: ctx.subtrees.load().as_ref().clone(),
+        subtrees: ctx.subtrees.load().configured.clone(),
     };
     let mut session = Downlink::new(cfg, peer.clone()).with_peer_tier(cert.tier);
     let max = ctx.policy.limits.max_frame_bytes;
@@ -401,6 +407,23 @@ async fn drive(
                         continue;
                     }
                     incarnation = inc;
+                    // Who left this child's subtree, stored before anything
+                    // of this session is merged (see `store/subtrees.rs`).
+                    let until = crate::now_ms().saturating_add(ctx.policy.limits.max_clock_skew_ms);
+                    let claimed: BTreeSet<NodeId> = subtree.iter().cloned().collect();
+                    let (store, c) = (ctx.store.clone(), child.clone());
+                    let history =
+                        blocking(move || store.subtree_claimed(&c, &claimed, until)).await?;
+                    let tree = ctx.subtrees.load();
+                    let former = history.former_with(tree.moved.get(&child));
+                    if !former.is_empty() {
+                        let names: Vec<String> = former.keys().map(ToString::to_string).collect();
+                        info!(
+                            former = names.join(","),
+                            "nodes that left this child's subtree: their writes made before they left are still taken from it"
+                        );
+                    }
+                    session.former_loaded(former);
                     let store = ctx.store.clone();
                     let c = child.clone();
                     let (cursor, cursor_hlc) = blocking(move || store.cursor(&c, inc)).await?;

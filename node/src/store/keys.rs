@@ -67,6 +67,16 @@ pub fn cursor_key(child: &tiersync_protocol::NodeId) -> Vec<u8> {
     [CURSOR_PREFIX, child.as_str().as_bytes()].concat()
 }
 
+/// Prefix of each child's subtree history (who it relays for, and who left
+/// it when: [`tiersync_protocol::sync::SubtreeHistory`]) in the `cursors`
+/// column family (`store/subtrees.rs`).
+pub const SUBTREE_PREFIX: &[u8] = b"h/";
+
+/// The key of a child's subtree history.
+pub fn subtree_key(child: &tiersync_protocol::NodeId) -> Vec<u8> {
+    [SUBTREE_PREFIX, child.as_str().as_bytes()].concat()
+}
+
 /// Prefix of "which child relays for this origin" in the `cursors` column family.
 pub const RELAY_PREFIX: &[u8] = b"s/";
 

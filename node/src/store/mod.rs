@@ -9,6 +9,7 @@
 
 mod clock;
 mod conflicts;
+mod subtrees;
 pub use conflicts::{ConflictPage, OverwriteExample, OverwriteSummary};
 pub mod keys;
 pub mod tokens;

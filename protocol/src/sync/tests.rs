@@ -113,10 +113,10 @@
 //! with a replay command for the first failing seed. `SIM_DEBUG=1` logs link
 //! closes.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use super::*;
-use crate::clock::{HlcClock, Stamp};
+use crate::clock::HlcClock;
 use crate::codec;
 use crate::item::{LogEntry, Record};
 use crate::policy::{Category, Limits};
@@ -204,6 +204,11 @@ struct Node {
     /// The clock recovered from a jump at a local write: own writes are
     /// re-stamped at the next Welcome (durable, as `META_RESTAMP`).
     restamp_due: bool,
+    /// Each child's subtree, now and before (`SubtreeHistory`).
+    history: BTreeMap<NodeId, SubtreeHistory>,
+    /// Configuration (`[moved]`): nodes that left a child's subtree, with
+    /// the time they left, as the operator recorded the move.
+    moved: BTreeMap<NodeId, BTreeMap<NodeId, u64>>,
 }
 
 /// What a node's uplink may read.
@@ -229,6 +234,7 @@ struct Disk {
     acked_mark: Option<(u64, Hlc)>,
     last_parent: Option<usize>,
     restamp_due: bool,
+    history: BTreeMap<NodeId, SubtreeHistory>,
 }
 
 impl Node {
@@ -246,6 +252,7 @@ impl Node {
             acked_mark: self.acked_mark,
             last_parent: self.last_parent,
             restamp_due: self.restamp_due,
+            history: self.history.clone(),
         }
     }
 
@@ -262,6 +269,7 @@ impl Node {
         self.acked_mark = d.acked_mark;
         self.last_parent = d.last_parent;
         self.restamp_due = d.restamp_due;
+        self.history = d.history;
     }
 
     /// Everything written so far is durable.
@@ -531,6 +539,8 @@ impl Sim {
                     unsynced: Vec::new(),
                     parent_clock: None,
                     restamp_due: false,
+                    history: BTreeMap::new(),
+                    moved: BTreeMap::new(),
                 }
             })
             .collect();
@@ -810,6 +820,7 @@ impl Sim {
     }
 
     fn wipe(&mut self, i: usize) {
+        trace(|| format!("wipe {}", self.nodes[i].id));
         self.restart(i);
         let n = &mut self.nodes[i];
         n.incarnation = n.incarnation.wrapping_mul(31).wrapping_add(7);
@@ -820,6 +831,7 @@ impl Sim {
         n.cursors.clear();
         n.watermarks.clear();
         n.relays.clear();
+        n.history.clear();
         n.acked_mark = None;
         n.unsynced.clear();
         n.backup = None;
@@ -864,6 +876,12 @@ impl Sim {
 
     /// Power is cut at node `i`: what was not synced is gone.
     fn power_cut(&mut self, i: usize) {
+        trace(|| {
+            format!(
+                "power cut {} buffered={}",
+                self.nodes[i].id, self.nodes[i].buffered
+            )
+        });
         self.faults.power_cuts += 1;
         self.restart(i);
         self.settle_merges_of(i);
@@ -894,6 +912,7 @@ impl Sim {
     /// City `c` moves to the other province; the operator restarts both
     /// provinces with their new `children`.
     fn move_city(&mut self, c: usize) {
+        trace(|| format!("move {}", self.nodes[c].id));
         let Some(old) = self.nodes[c].parent else {
             return;
         };
@@ -913,6 +932,19 @@ impl Sim {
         self.links[l].parent = new;
         self.former.retain(|&(p, x)| !(p == new && x == c));
         self.former.push((old, c));
+        // The operator records the move in national's `[moved]`: the old
+        // province may still relay what the city wrote before it.
+        let until = self.wall(0) + self.policy.limits.max_clock_skew_ms;
+        let (old_id, city) = (self.nodes[old].id.clone(), self.nodes[c].id.clone());
+        self.nodes[0]
+            .moved
+            .entry(old_id)
+            .or_default()
+            .insert(city.clone(), until);
+        let new_id = self.nodes[new].id.clone();
+        if let Some(m) = self.nodes[0].moved.get_mut(&new_id) {
+            m.remove(&city);
+        }
         self.restart(c);
         self.restart(old);
         self.restart(new);
@@ -921,6 +953,7 @@ impl Sim {
     /// Node `i` is restored from its backup (if it has one): its data,
     /// changelog, cursors, clock and incarnation go back in time.
     fn restore(&mut self, i: usize) {
+        trace(|| format!("restore {}", self.nodes[i].id));
         let Some(disk) = self.nodes[i].backup.clone() else {
             return;
         };
@@ -1047,6 +1080,12 @@ impl Sim {
             n.clock.observe(newest.hlc);
         }
         let stamp = n.clock.tick(now);
+        trace(|| {
+            format!(
+                "write {} {:?} choice {choice} at {}",
+                n.id, target, stamp.hlc.physical_ms
+            )
+        });
         let (cat, key, item) = match choice {
             0..=2 => {
                 let key = ("customer".to_string(), format!("c{key_n}"));
@@ -1284,8 +1323,25 @@ impl Sim {
             match ev {
                 DownlinkEvent::Send(f) => self.links[l].down.push_back(f),
                 DownlinkEvent::Accepted {
-                    child, incarnation, ..
+                    child,
+                    incarnation,
+                    subtree,
                 } => {
+                    // As the driver does: the child's subtree history,
+                    // stored before anything is merged.
+                    let until = self.wall(p) + self.policy.limits.max_clock_skew_ms;
+                    let n = &mut self.nodes[p];
+                    let h = n.history.entry(child.clone()).or_default();
+                    let changed = h.claimed(&subtree.into_iter().collect(), until);
+                    let former = h.former_with(n.moved.get(&child));
+                    if changed {
+                        n.sync();
+                    }
+                    self.links[l]
+                        .downlink
+                        .as_mut()
+                        .unwrap()
+                        .former_loaded(former);
                     let (cur, hlc) = self.nodes[p]
                         .cursors
                         .get(&(child, incarnation))
@@ -1332,6 +1388,26 @@ impl Sim {
     /// The parent's store commits a merge of link `l`'s child in one batch:
     /// items, the child's cursor and the watermarks.
     fn apply_merge(&mut self, l: usize, m: PendingMerge) {
+        trace(|| {
+            format!(
+                "merge at {} from {} inc {} cursor {:?}: {:?}",
+                self.nodes[self.links[l].parent].id,
+                m.child,
+                m.incarnation,
+                m.cursor,
+                m.items
+                    .iter()
+                    .map(|w| (
+                        w.key.clone(),
+                        w.item
+                            .stamps()
+                            .into_iter()
+                            .map(|s| (s.hlc.physical_ms, s.origin.to_string()))
+                            .collect::<Vec<_>>()
+                    ))
+                    .collect::<Vec<_>>()
+            )
+        });
         let now = self.wall(self.links[l].parent);
         let n = &mut self.nodes[self.links[l].parent];
         // As the store does: one fresh HLC for every entry of the merge,
@@ -1911,6 +1987,13 @@ fn merge_into(out: &mut BTreeMap<ItemKey, Item>, k: &ItemKey, item: &Item) {
         None => {
             out.insert(k.clone(), item.clone());
         }
+    }
+}
+
+/// `SIM_TRACE=1`: every fault and merge, for replaying one seed.
+fn trace(msg: impl FnOnce() -> String) {
+    if std::env::var("SIM_TRACE").is_ok() {
+        eprintln!("{}", msg());
     }
 }
 
@@ -2732,4 +2815,83 @@ fn the_tree_is_authorized_by_configuration() {
             "{peer}"
         );
     }
+}
+
+/// A parent remembers who left a child's subtree, and when.
+#[test]
+fn subtree_history_remembers_who_left() {
+    let ids = |names: &[&str]| -> BTreeSet<NodeId> {
+        names.iter().map(|n| NodeId::new(*n).unwrap()).collect()
+    };
+    let id = |n: &str| NodeId::new(n).unwrap();
+    let mut h = SubtreeHistory::default();
+    assert!(h.claimed(&ids(&["a", "b"]), 10));
+    assert!(!h.claimed(&ids(&["a", "b"]), 20), "nothing changed");
+    assert!(h.claimed(&ids(&["a"]), 30));
+    assert_eq!(h.former, BTreeMap::from([(id("b"), 30)]));
+    // Back again: current, no longer former.
+    assert!(h.claimed(&ids(&["a", "b"]), 40));
+    assert!(h.former.is_empty());
+    assert!(h.claimed(&ids(&["a"]), 50));
+    // What the operator recorded (`[moved]`) adds to it; the later time wins.
+    let recorded = BTreeMap::from([(id("b"), 70), (id("c"), 5)]);
+    assert_eq!(
+        h.former_with(Some(&recorded)),
+        BTreeMap::from([(id("b"), 70), (id("c"), 5)])
+    );
+    assert_eq!(h.former_with(None), BTreeMap::from([(id("b"), 50)]));
+    // A child that claims and drops nodes at will cannot grow it without
+    // bound: the oldest departures go first.
+    let many: BTreeSet<NodeId> = (0..MAX_FORMER + 10).map(|i| id(&format!("n{i}"))).collect();
+    let mut h = SubtreeHistory::default();
+    h.claimed(&many, 1);
+    h.claimed(&ids(&["a"]), 2);
+    assert_eq!(h.former.len(), MAX_FORMER);
+}
+
+/// Writes of a node that left the child's subtree are taken up to the time
+/// it left, and dropped after it; its counter share never is.
+#[test]
+fn writes_of_a_former_member_are_taken_until_it_left() {
+    let p = policy_for_unit();
+    let now = 10_000;
+    let mut d = downlink("hangzhou");
+    d.handle_frame(hello("hangzhou", Tier::City, p.digest()), now, &p);
+    assert!(matches!(
+        d.poll_event(),
+        Some(DownlinkEvent::Accepted { .. })
+    ));
+    d.former_loaded(BTreeMap::from([(NodeId::new("ningbo").unwrap(), 5_000)]));
+    d.cursor_loaded(0, Hlc::ZERO, now);
+    assert!(matches!(
+        d.poll_event(),
+        Some(DownlinkEvent::Send(Frame::Welcome { .. }))
+    ));
+    let mut before = record_item("customer", "ningbo", 4_000);
+    before.key = "before".into();
+    let mut after = record_item("customer", "ningbo", 6_000);
+    after.key = "after".into();
+    let mut own = record_item("customer", "hangzhou", 6_000);
+    own.key = "own".into();
+    d.handle_frame(
+        Frame::Batch {
+            after: 0,
+            last_seq: 1,
+            upto_hlc: Hlc::ZERO,
+            items: vec![before, after, own],
+            watermarks: vec![],
+        },
+        now,
+        &p,
+    );
+    let Some(DownlinkEvent::Dropped { writes, origins }) = d.poll_event() else {
+        panic!("the write made after the move is dropped");
+    };
+    assert_eq!(writes, 2, "the later record's registers");
+    assert_eq!(origins, BTreeSet::from([NodeId::new("ningbo").unwrap()]));
+    let Some(DownlinkEvent::Merge { items, .. }) = d.poll_event() else {
+        panic!("the rest is merged");
+    };
+    let keys: Vec<&str> = items.iter().map(|w| w.key.as_str()).collect();
+    assert_eq!(keys, ["before", "own"]);
 }
