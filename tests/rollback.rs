@@ -59,6 +59,23 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+fn put(c: &Cluster, node: &str, path: &str, body: serde_json::Value) {
+    let r = c.send("PUT", node, path, &body);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}
+
+/// Every city writes a customer (completeness is per city).
+fn every_city_writes(c: &Cluster) {
+    for city in c.cities() {
+        put(
+            c,
+            &city,
+            &format!("/v1/records/customer/first-{city}"),
+            json!({"name": city}),
+        );
+    }
+}
+
 fn has_customer(c: &Cluster, node: &str, key: &str) -> bool {
     c.get_opt(node, &format!("/v1/records/customer/{key}"))
         .is_some_and(|r| r.status == 200)
@@ -201,19 +218,7 @@ fn moved_city_blocks_nothing_and_counts_once() {
     let mut c = Cluster::new(&Spec::default());
     c.start_all();
     let (moved, sibling) = ("hangzhou", "ningbo");
-    let put = |c: &Cluster, node: &str, path: &str, body: serde_json::Value| {
-        let r = c.send("PUT", node, path, &body);
-        assert_eq!(r.status, 200, "{:?}", r.body);
-    };
-    // Every city has written something (completeness is per city).
-    for city in c.cities() {
-        put(
-            &c,
-            &city,
-            &format!("/v1/records/customer/first-{city}"),
-            json!({"name": city}),
-        );
-    }
+    every_city_writes(&c);
     put(
         &c,
         moved,
@@ -323,18 +328,7 @@ fn moved_city_writes_only_its_old_province_holds_reach_national() {
     let mut c = Cluster::new(&Spec::default());
     c.start_all();
     let (moved, sibling) = ("hangzhou", "ningbo");
-    let put = |c: &Cluster, node: &str, path: &str, body: serde_json::Value| {
-        let r = c.send("PUT", node, path, &body);
-        assert_eq!(r.status, 200, "{:?}", r.body);
-    };
-    for city in c.cities() {
-        put(
-            &c,
-            &city,
-            &format!("/v1/records/customer/first-{city}"),
-            json!({"name": city}),
-        );
-    }
+    every_city_writes(&c);
     put(
         &c,
         sibling,
